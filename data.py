@@ -1,0 +1,294 @@
+"""LightningDataModules for MNIST, Fashion-MNIST, CIFAR-100 and Imagenette.
+
+MNIST-family data is small enough to live in memory as one uint8 tensor: batches are sliced from it and
+normalised after the transfer to the device, so an epoch costs no per-sample PIL or collate work. The
+idx files are read from torchvision's layout (``<data_dir>/<Name>/raw``) or from a folder that simply
+holds the four files, gzipped or not (as Debian's ``dataset-fashion-mnist`` ships them).
+CIFAR-100 (torchvision) and Imagenette (``ImageFolder``) use ordinary ``DataLoader`` pipelines with the
+standard augmentation.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset is not on disk (and could not be downloaded)."""
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Reads one idx file (optionally gzipped) into a tensor.
+
+    Raises:
+        ValueError: The file is not a well-formed idx file.
+    """
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path} is truncated or corrupt: header says shape {shape}, "
+                         f"but {len(raw) - offset} data bytes follow")
+    array = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_idx_folder(data_dir: Path, name: str) -> tuple[Path | None, list[Path]]:
+    """Returns the first folder holding all four idx files, and the folders that were searched."""
+    searched = [data_dir / name / "raw", data_dir / name, data_dir]
+    for folder in searched:
+        if all(_find_file(folder, f) for pair in IDX_FILES.values() for f in pair):
+            return folder, searched
+    return None, searched
+
+
+class InMemoryBatches:
+    """Iterates over (images, labels) batches sliced from tensors held in memory.
+
+    The shuffle order depends only on ``seed`` and the epoch number, so a resumed run sees the same
+    batches as an uninterrupted one. Under torch.distributed each rank takes an equal share.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int = 0, epoch_fn: Callable[[], int] | None = None) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch_fn = epoch_fn or (lambda: 0)
+
+    def _indices(self) -> torch.Tensor | None:
+        n, order = len(self.labels), None
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_fn())
+            order = torch.randperm(n, generator=generator)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            order = torch.arange(n) if order is None else order
+            order = order[: n - n % world][rank::world]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        if dist.is_available() and dist.is_initialized():
+            n //= dist.get_world_size()
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._indices()
+        n = len(self.labels) if order is None else len(order)
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                yield self.images[idx], self.labels[idx]
+
+
+def _split(n: int, validation_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random split of range(n) into (train, val) indices."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * validation_split))
+    return order[n_val:], order[:n_val]
+
+
+class _BaseDataModule(pl.LightningDataModule):
+    """Arguments shared by every data module (the keys of ``data_loader.args``)."""
+
+    num_classes: int = 10
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def __init__(self, data_dir: str = "data/", download: bool = False, batch_size: int = 128,
+                 validation_split: float = 0.1, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.data_dir, self.download = Path(data_dir).expanduser(), download
+        self.batch_size, self.validation_split = batch_size, validation_split
+        self.num_workers, self.seed = num_workers, seed
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+
+class _MNISTFamily(_BaseDataModule):
+    """In-memory MNIST-style data (28x28 grey images, 10 classes)."""
+
+    folder = "MNIST"
+    torchvision_cls: Any = datasets.MNIST
+
+    def _idx_folder(self) -> Path:
+        folder, searched = find_idx_folder(self.data_dir, self.folder)
+        if folder is None:
+            names = ", ".join(f for pair in IDX_FILES.values() for f in pair)
+            raise DataNotFoundError(
+                f"{self.folder} not found: looked for its idx files ({names}, gzipped or not) in "
+                f"{', '.join(map(str, searched))}. Put the four files in one of those folders, point "
+                f"data_loader.args.data_dir at them, or set data_loader.args.download=true (needs internet).")
+        return folder
+
+    def prepare_data(self) -> None:
+        if find_idx_folder(self.data_dir, self.folder)[0] is not None or not self.download:
+            return  # present, or setup() will explain what is missing
+        try:
+            for train in (True, False):
+                self.torchvision_cls(str(self.data_dir), train=train, download=True)
+        except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when offline
+            raise DataNotFoundError(f"{self.folder} could not be downloaded into {self.data_dir} ({err}). "
+                                    f"Put its four idx files in {self.data_dir} instead.") from None
+
+    def setup(self, stage: str | None = None) -> None:
+        folder = self._idx_folder()
+        if stage in (None, "fit", "validate"):
+            images, labels = (read_idx(_find_file(folder, f)) for f in IDX_FILES["train"])
+            train_idx, val_idx = _split(len(labels), self.validation_split, self.seed)
+            self.train_set = (images[train_idx], labels[train_idx].long())
+            self.val_set = (images[val_idx], labels[val_idx].long())
+        if stage in (None, "test", "predict"):
+            images, labels = (read_idx(_find_file(folder, f)) for f in IDX_FILES["test"])
+            self.test_set = (images, labels.long())
+
+    def train_dataloader(self) -> InMemoryBatches:
+        return InMemoryBatches(*self.train_set, self.batch_size, shuffle=True, seed=self.seed,
+                               epoch_fn=self._epoch)
+
+    def val_dataloader(self) -> InMemoryBatches:
+        return InMemoryBatches(*self.val_set, self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> InMemoryBatches:
+        return InMemoryBatches(*self.test_set, self.batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch  # (N, 28, 28) uint8, on the device already
+        images = images.unsqueeze(1).float().div_(255).sub_(self.mean[0]).div_(self.std[0])
+        return images, labels
+
+
+class MNIST(_MNISTFamily):
+    folder, torchvision_cls = "MNIST", datasets.MNIST
+    mean, std = (0.1307,), (0.3081,)
+
+
+class FashionMNIST(_MNISTFamily):
+    folder, torchvision_cls = "FashionMNIST", datasets.FashionMNIST
+    mean, std = (0.2860,), (0.3530,)
+
+
+class _FolderDataModule(_BaseDataModule):
+    """Data held as a torchvision ``Dataset`` and served by ``DataLoader``s."""
+
+    def _build(self, train_split: bool, augment: bool) -> Dataset:
+        raise NotImplementedError
+
+    def _missing_message(self, err: Exception) -> str:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        try:
+            if stage in (None, "fit", "validate"):
+                augmented, plain = self._build(True, augment=True), self._build(True, augment=False)
+                train_idx, val_idx = _split(len(plain), self.validation_split, self.seed)
+                self.train_set = Subset(augmented, train_idx.tolist())
+                self.val_set = Subset(plain, val_idx.tolist())
+            if stage in (None, "test", "predict"):
+                self.test_set = self._build(False, augment=False)
+        except (RuntimeError, FileNotFoundError) as err:  # torchvision's "not found" errors
+            raise DataNotFoundError(self._missing_message(err)) from None
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class CIFAR100(_FolderDataModule):
+    """CIFAR-100 via torchvision, random crop (pad 4) + horizontal flip."""
+
+    num_classes = 100
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        try:
+            for train in (True, False):
+                datasets.CIFAR100(str(self.data_dir), train=train, download=True)
+        except Exception as err:  # offline: URLError/OSError
+            raise DataNotFoundError(self._missing_message(err)) from None
+
+    def _missing_message(self, err: Exception) -> str:
+        return (f"CIFAR-100 not found in {self.data_dir / 'cifar-100-python'} ({err}). Extract "
+                f"cifar-100-python.tar.gz there, point data_loader.args.data_dir at its parent folder, "
+                f"or set data_loader.args.download=true (needs internet).")
+
+    def _build(self, train_split: bool, augment: bool) -> Dataset:
+        steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
+        transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+        return datasets.CIFAR100(str(self.data_dir), train=train_split, transform=transform)
+
+
+class Imagenette(_FolderDataModule):
+    """Imagenette (fast.ai's 10-class ImageNet subset) as an ``ImageFolder``: 224 px crops.
+
+    ``data_dir`` is the extracted ``imagenette2`` folder with ``train/`` and ``val/``; the official
+    ``val/`` is the test split and the validation split is carved out of ``train/``.
+    """
+
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def _missing_message(self, err: Exception) -> str:
+        return (f"Imagenette not found: expected {self.data_dir / 'train'} and {self.data_dir / 'val'} ({err}). "
+                f"Download {IMAGENETTE_URL}, extract it (tar xzf imagenette2.tgz) and set "
+                f"data_loader.args.data_dir to the imagenette2 folder; it is not downloaded automatically.")
+
+    def _build(self, train_split: bool, augment: bool) -> Dataset:
+        if augment:
+            steps = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
+        else:
+            steps = [transforms.Resize(256), transforms.CenterCrop(224)]
+        transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+        return datasets.ImageFolder(str(self.data_dir / ("train" if train_split else "val")), transform=transform)
+
+
+# Explicit registry: the names a config's ``data_loader.type`` may use.
+DATAMODULES: dict[str, type[_BaseDataModule]] = {
+    "MNIST": MNIST, "FashionMNIST": FashionMNIST, "CIFAR100": CIFAR100, "Imagenette": Imagenette,
+}

@@ -1,0 +1,34 @@
+"""Python logging for a run: console (stderr) plus ``info.log`` in the run folder.
+
+The handlers come from ``logger/logger_config.json``; every module logs through
+``logging.getLogger("deep_compression.<module>")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+from pathlib import Path
+
+CONFIG_FILE = Path(__file__).with_name("logger_config.json")
+
+
+def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
+    """Configures the ``deep_compression`` loggers; without ``run_dir``, logs to the console only."""
+    config = json.loads(CONFIG_FILE.read_text())
+    handlers = config["handlers"]
+    if run_dir is None:
+        del handlers["info_file_handler"]
+        for logger in config["loggers"].values():
+            logger["handlers"] = [h for h in logger["handlers"] if h in handlers]
+    else:
+        handlers["info_file_handler"]["filename"] = str(Path(run_dir) / handlers["info_file_handler"]["filename"])
+    for logger in config["loggers"].values():
+        logger["level"] = level
+    logging.config.dictConfig(config)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """Returns the project logger ``deep_compression.<name>``."""
+    return logging.getLogger(f"deep_compression.{name}")

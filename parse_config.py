@@ -1,0 +1,371 @@
+"""JSON configuration -> validated, typed ``Config``; CLI overrides; run folders.
+
+The file keeps the shape of ciodar/deep-compression's configs (``name``, ``arch``, ``data_loader``,
+``optimizer``, ``lr_scheduler``, ``loss``, ``metrics``, ``trainer``). Every name is resolved through an
+explicit registry and every mistake raises one ``ConfigError`` naming the JSON path, the bad value and
+what is allowed, before any data is read or any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import time
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from data import DATAMODULES
+from models import MODELS
+from trainer.callbacks import CALLBACKS
+from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
+
+METRICS = ("top1_err", "top5_err")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake: the message names the JSON path, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors; no silent "3" -> 3 coercion (ints are still accepted where floats are).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Spec(_Strict):
+    """A ``{"type": ..., "args": {...}}`` entry resolved through ``REGISTRY``."""
+
+    REGISTRY: ClassVar[dict[str, Any]] = {}
+    SUPPLIED: ClassVar[tuple[str, ...]] = ()  # constructor arguments the framework passes itself
+    type: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in cls.REGISTRY:
+            raise ValueError(f"unknown type; valid types: {', '.join(cls.REGISTRY)}")
+        return value
+
+    @property
+    def target(self) -> Any:
+        return self.REGISTRY[self.type]
+
+
+class ArchSpec(_Spec):
+    REGISTRY = MODELS
+
+
+class DataSpec(_Spec):
+    REGISTRY = DATAMODULES
+
+
+class OptimizerSpec(_Spec):
+    REGISTRY = OPTIMIZERS
+    SUPPLIED = ("params",)
+
+
+class SchedulerSpec(_Spec):
+    REGISTRY = SCHEDULERS
+    SUPPLIED = ("optimizer",)
+
+
+class TrainerConfig(_Strict):
+    max_epochs: int = Field(10, ge=1)  # epochs to train (resume continues up to this)
+    min_epochs: int = Field(0, ge=0)  # early stopping cannot end the run before this
+    save_dir: str = "runs/"  # runs go to <save_dir>/<name>/<timestamp>/
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    devices: int | str | list[int] = "auto"  # "auto", a count, or a list of device ids
+    strategy: str = "auto"  # "auto", "ddp", "ddp_spawn", "fsdp", ... (Lightning names)
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
+    gradient_clip_val: float | None = Field(None, ge=0)  # clip gradient norm to this (None: off)
+    monitor: str = "min val/top1_err"  # "<min|max> <metric>" for the best checkpoint and early stopping
+    early_stop: int = Field(0, ge=0)  # patience in epochs for early stopping on `monitor` (0: off)
+    log_every_n_steps: int = Field(50, ge=1)
+    progress_bar: Literal["tqdm", "rich", "none"] = "tqdm"
+    deterministic: bool = False  # torch deterministic algorithms (bit-exact reruns, slower on GPU)
+    limit_train_batches: int | float | None = Field(None, gt=0)  # a count or a fraction (smoke runs)
+    limit_val_batches: int | float | None = Field(None, ge=0)
+    callbacks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> constructor arguments
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_form(cls, value: str) -> str:
+        parts = value.split()
+        if len(parts) != 2 or parts[0] not in ("min", "max"):
+            raise ValueError("must be '<min|max> <metric>', e.g. 'min val/top1_err'")
+        return value
+
+    @field_validator("callbacks")
+    @classmethod
+    def _known_callbacks(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in value:
+            if name not in CALLBACKS:
+                raise ValueError(f"unknown callback {name!r}; valid callbacks: {', '.join(CALLBACKS)}")
+        return value
+
+    @property
+    def monitor_mode(self) -> str:
+        return self.monitor.split()[0]
+
+    @property
+    def monitor_metric(self) -> str:
+        return self.monitor.split()[1]
+
+
+class Config(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # run name, the folder under trainer.save_dir
+    seed: int | None = 42  # seeds Python, NumPy and torch (None: unseeded)
+    pretrained: str | None = None  # checkpoint whose weights start a *new* run (see --weights)
+    arch: ArchSpec
+    data_loader: DataSpec
+    optimizer: OptimizerSpec
+    lr_scheduler: SchedulerSpec | None = None
+    loss: Literal[tuple(LOSSES)] = "cross_entropy"  # type: ignore[valid-type]
+    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _loc(loc: tuple[Any, ...]) -> str:
+    """('trainer', 'max_epochs') -> 'trainer.max_epochs'; list positions as [i]."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Names of the keys allowed at ``loc`` (for 'unknown key' messages)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        candidates = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return [name for name in model.model_fields]
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(tuple(e["loc"][:-1]))
+            lines.append(f"{path}: unknown key; valid keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: missing required key")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {msg} (got {json.dumps(e['input'], default=str)})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- constructor arguments
+def check_args(target: Any, args: dict[str, Any], path: str, supplied: tuple[str, ...] = ()) -> None:
+    """Checks ``args`` against ``target``'s constructor: names, required keys and annotated types.
+
+    Raises:
+        ConfigError: naming ``path`` and listing the valid argument names.
+    """
+    params = {n: p for n, p in inspect.signature(target).parameters.items()
+              if n not in supplied and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    for name in args:
+        if name not in params:
+            raise ConfigError(f"{path}.{name}: unknown argument for {target.__name__}; "
+                              f"valid arguments: {', '.join(params) or '(none)'}")
+    for name, p in params.items():
+        if p.default is p.empty and name not in args:
+            raise ConfigError(f"{path}.{name}: missing required argument for {target.__name__}")
+    try:
+        hints = typing.get_type_hints(target.__init__)
+    except Exception:  # unresolvable annotations: the constructor will still check values
+        return
+    for name, value in args.items():
+        if name not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(hints[name], config=ConfigDict(arbitrary_types_allowed=True, strict=True))
+        except Exception:  # annotation pydantic cannot express
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError:
+            expected = getattr(hints[name], "__name__", str(hints[name]))
+            raise ConfigError(f"{path}.{name}: expected {expected}, got {value!r}") from None
+
+
+def instantiate(spec: _Spec, path: str, **supplied: Any) -> Any:
+    """Builds ``spec.target(**supplied, **spec.args)``, turning constructor errors into ``ConfigError``."""
+    try:
+        return spec.target(**supplied, **spec.args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}.args: {spec.type} rejected {spec.args}: {err}") from None
+
+
+def _check_specs(cfg: Config) -> None:
+    logged = ["val/loss", "train/loss"] + [f"val/{m}" for m in cfg.metrics]
+    if cfg.trainer.monitor_metric not in logged:
+        raise ConfigError(f"trainer.monitor: metric {cfg.trainer.monitor_metric!r} is not logged; "
+                          f"choose one of {', '.join(logged)}")
+    for path in ("arch", "data_loader", "optimizer", "lr_scheduler"):
+        spec = getattr(cfg, path)
+        if spec is not None:
+            check_args(spec.target, spec.args, f"{path}.args", spec.SUPPLIED)
+    for name, args in cfg.trainer.callbacks.items():
+        check_args(CALLBACKS[name], args, f"trainer.callbacks.{name}")
+    # The data decides the class count: fill it in, or catch a mismatch now rather than at the first batch.
+    num_classes = cfg.data_loader.target.num_classes
+    given = cfg.arch.args.setdefault("num_classes", num_classes)
+    if given != num_classes:
+        raise ConfigError(f"arch.args.num_classes: {cfg.data_loader.type} has {num_classes} classes, got {given}")
+    # Optimizer and scheduler values are checked by building them on a dummy parameter (cheap, early).
+    optimizer = instantiate(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+    if cfg.lr_scheduler is not None:
+        instantiate(cfg.lr_scheduler, "lr_scheduler", optimizer=optimizer)
+    instantiate(cfg.data_loader, "data_loader")  # data modules only store their arguments
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    """Validates a configuration dictionary.
+
+    Raises:
+        ConfigError: every problem found, one per line, each with its JSON path.
+    """
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+    _check_specs(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- files and CLI
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Reads a JSON config file; invalid JSON is reported with line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def add_override_args(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--lr``, ``--wd``, ``--bs`` (ciodar/deep-compression's flags) and the general ``--set``."""
+    parser.add_argument("--lr", type=float, default=None, help="override optimizer.args.lr")
+    parser.add_argument("--wd", type=float, default=None, help="override optimizer.args.weight_decay")
+    parser.add_argument("--bs", type=int, default=None, help="override data_loader.args.batch_size")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key by its dotted path, e.g. --set trainer.max_epochs=3 "
+                             "(VALUE is parsed as JSON when it can be, else taken as a string); repeatable")
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """Turns the override flags into (dotted key, value) pairs, in the order they apply."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in (("optimizer.args.lr", args.lr), ("optimizer.args.weight_decay", args.wd),
+                       ("data_loader.args.batch_size", args.bs)):
+        if value is not None:
+            pairs.append((key, value))
+    for item in args.overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.max_epochs=3")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def apply_overrides(raw: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Returns a copy of ``raw`` with each dotted key set (validation happens in ``parse_config``)."""
+    raw = json.loads(json.dumps(raw))
+    for key, value in pairs:
+        node, parts = raw, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not an object")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """Creates ``<save_dir>/<name>/<timestamp>/`` (never reusing one) and writes ``config.json`` first.
+
+    A DDP worker re-running the script inherits ``DC_RUN_DIR`` and reuses its parent's folder.
+    """
+    if os.environ.get("DC_RUN_DIR"):
+        return Path(os.environ["DC_RUN_DIR"])
+    base = Path(cfg.trainer.save_dir).expanduser() / cfg.name
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):  # two runs in the same second get -1, -2, ... (mkdir is atomic)
+        run_dir = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise RuntimeError(f"could not create a fresh run folder under {base}")
+    write_config(cfg, run_dir / "config.json")
+    os.environ["DC_RUN_DIR"] = str(run_dir)
+    return run_dir
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    """Writes the resolved config atomically (temp file + rename)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_config(config_path: str | Path | None, resume_path: str | Path | None,
+                overrides: list[tuple[str, Any]]) -> Config:
+    """The configuration of a script call: ``-c`` file, else the one stored with the ``-r`` checkpoint.
+
+    A checkpoint's config is the ``config.json`` of its run folder, or else the copy inside the
+    checkpoint. Overrides apply last and are validated like the file.
+    """
+    if config_path is not None:
+        raw = read_json(config_path)
+    elif resume_path is not None:
+        raw = stored_config(Path(resume_path))
+    else:
+        raise ConfigError("no configuration: pass -c CONFIG.json or -r CHECKPOINT")
+    return parse_config(apply_overrides(raw, overrides))
+
+
+def stored_config(ckpt_path: Path) -> dict[str, Any]:
+    """The raw config stored with a checkpoint (run folder's config.json, else inside the checkpoint)."""
+    from utils import load_checkpoint  # local: only needed when resuming
+
+    beside = ckpt_path.parent / "config.json"
+    if beside.is_file():
+        return read_json(beside)
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt.get("config"), dict):
+        raise ConfigError(f"{ckpt_path} holds no config and there is no {beside}: pass -c CONFIG.json")
+    return ckpt["config"]

@@ -1,0 +1,78 @@
+"""Train (and prune / quantize, through config callbacks) a model from a JSON config.
+
+    python train.py -c config.json                       # new run in runs/<name>/<timestamp>/
+    python train.py -r runs/<name>/<ts>/last.ckpt        # resume that run exactly
+    python train.py -c configs/x.json --weights dense.ckpt   # new run starting from trained weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from data import DataNotFoundError
+from logger import get_logger, setup_logging
+from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
+from trainer.trainer import build_datamodule, build_lit_model, build_trainer
+from utils import CheckpointError, count_parameters
+
+USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a model from a JSON config.", add_help=True)
+    parser.add_argument("-c", "--config", default=None, help="config file (default: the one stored with -r)")
+    parser.add_argument("-r", "--resume", default=None, help="checkpoint to resume (e.g. runs/.../last.ckpt)")
+    parser.add_argument("--weights", default=None,
+                        help="start a NEW run from this checkpoint's weights (sets the `pretrained` key)")
+    add_override_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return train(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.resume and args.weights:
+        raise ConfigError("--weights starts a new run and -r resumes one: use only one of them")
+    overrides = overrides_from_args(args)
+    if args.weights:
+        overrides.append(("pretrained", args.weights))
+    cfg = load_config(args.config, args.resume, overrides)
+    if args.resume:
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise CheckpointError(f"checkpoint not found: {resume}")
+        run_dir = resume.parent
+        cfg.pretrained = None  # resuming restores every weight from the checkpoint itself
+        write_config(cfg, run_dir / "config.json")  # the run now continues under this config
+    else:
+        run_dir = make_run_dir(cfg)
+    setup_logging(run_dir)
+    log = get_logger("train")
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    lit_model = build_lit_model(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    total, nonzero = count_parameters(lit_model.model)
+    log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
+             f"{cfg.data_loader.type}; run folder {run_dir}")
+    trainer.fit(lit_model, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    log.info(f"done at epoch {trainer.current_epoch}; best {cfg.trainer.monitor_metric} = "
+             f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

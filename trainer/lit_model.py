@@ -1,0 +1,93 @@
+"""The classifier LightningModule: loss, top-1/top-5 error (in %), optimizer and scheduler from config.
+
+One ``model_step`` serves train/val/test (lightning-hydra-template's shape). Errors are logged in
+percent (``val/top1_err`` = 1.64 means 1.64 % misclassified) to compare directly with the papers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
+
+
+class LitClassifier(pl.LightningModule):
+    """Wraps a plain ``nn.Module`` classifier.
+
+    Args:
+        model: The network (from ``models.MODELS``); exposed as ``self.model``.
+        config: The resolved configuration as a plain dict (``Config.model_dump()``); it is stored in
+            every checkpoint so a checkpoint alone can rebuild the run.
+    """
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.loss_fn = LOSSES[config["loss"]]
+        num_classes = int(config["arch"]["args"]["num_classes"])
+        self.metrics = list(config["metrics"])
+        # One pair of accuracy meters per evaluation stage; top-5 needs at least 5 classes.
+        self.acc = nn.ModuleDict({
+            stage: nn.ModuleDict({
+                "top1_err": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "top5_err": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            }) for stage in ("val", "test")
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+        x, y = batch
+        logits = self(x)  # (N, num_classes)
+        return self.loss_fn(logits, y), logits, y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self.model_step(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        loss, logits, y = self.model_step(batch)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
+        for meter in self.acc[stage].values():
+            meter.update(logits, y)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for name in self.metrics:
+            meter = self.acc[stage][name]
+            self.log(f"{stage}/{name}", 100.0 * (1.0 - meter.compute()), prog_bar=name == "top1_err")
+            meter.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> Any:
+        spec = self.config["optimizer"]
+        optimizer = OPTIMIZERS[spec["type"]](self.parameters(), **spec["args"])
+        sched_spec = self.config.get("lr_scheduler")
+        if not sched_spec:
+            return optimizer
+        scheduler = SCHEDULERS[sched_spec["type"]](optimizer, **sched_spec["args"])
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["config"] = self.config  # plain JSON types: loadable with weights_only=True

@@ -1,0 +1,46 @@
+"""Small helpers shared by the scripts: reading checkpoints safely, counting parameters."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not exist or is not one of our checkpoints."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a Lightning checkpoint on the CPU without executing code (``weights_only=True``).
+
+    Raises:
+        CheckpointError: missing file, unreadable file, or no ``state_dict`` inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint: {first}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' inside)")
+    return ckpt
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``nn.Module`` weights of a ``LitClassifier`` checkpoint (the ``model.`` prefix removed)."""
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Returns (total, non-zero) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return total, nonzero
