@@ -314,7 +314,8 @@ def apply_overrides(raw: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[s
 def make_run_dir(cfg: Config) -> Path:
     """Creates ``<save_dir>/<name>/<timestamp>/`` (never reusing one) and writes ``config.json`` first.
 
-    A DDP worker re-running the script inherits ``DC_RUN_DIR`` and reuses its parent's folder.
+    A DDP worker re-running the script inherits ``DC_RUN_DIR`` (set by ``train.py`` around the fit)
+    and reuses its parent's folder instead of making a new one.
     """
     if os.environ.get("DC_RUN_DIR"):
         return Path(os.environ["DC_RUN_DIR"])
@@ -331,7 +332,6 @@ def make_run_dir(cfg: Config) -> Path:
     else:
         raise RuntimeError(f"could not create a fresh run folder under {base}")
     write_config(cfg, run_dir / "config.json")
-    os.environ["DC_RUN_DIR"] = str(run_dir)
     return run_dir
 
 

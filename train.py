@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,11 @@ def train(args: argparse.Namespace) -> int:
     total, nonzero = count_parameters(lit_model.model)
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
              f"{cfg.data_loader.type}; run folder {run_dir}")
-    trainer.fit(lit_model, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    os.environ["DC_RUN_DIR"] = str(run_dir)  # DDP workers re-running this script join this run folder
+    try:
+        trainer.fit(lit_model, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
+    finally:
+        os.environ.pop("DC_RUN_DIR", None)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     log.info(f"done at epoch {trainer.current_epoch}; best {cfg.trainer.monitor_metric} = "
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")

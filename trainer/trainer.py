@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,10 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     tc = cfg.trainer
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir, filename="best", monitor=tc.monitor_metric, mode=tc.monitor_mode,
-                        save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+                        auto_insert_metric_name=False, enable_version_counter=False),
+        # A separate, unmonitored checkpoint rewritten every epoch: Lightning's save_last only follows
+        # epochs in which the best checkpoint improved, which would make resuming lose epochs.
+        ModelCheckpoint(dirpath=run_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
     ]
     if "LearningRateMonitor" not in tc.callbacks:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
@@ -70,6 +74,9 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
 
 def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Trainer:
     """A ``Trainer`` from ``cfg.trainer``; ``run_dir=None`` builds one for evaluation only (no logging)."""
+    # The run folder always holds config.json before the first checkpoint: that is by design.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning vs torch 2.14
     tc = cfg.trainer
     kwargs: dict[str, Any] = dict(
         max_epochs=tc.max_epochs, min_epochs=tc.min_epochs, accelerator=tc.accelerator, devices=tc.devices,

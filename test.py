@@ -1,0 +1,86 @@
+"""Evaluate a checkpoint on the test split (or validation split) and print its errors and sizes.
+
+    python test.py -r runs/<name>/<ts>/best.ckpt
+    python test.py -r best.ckpt --json --set data_loader.args.data_dir=/elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from data import DataNotFoundError
+from logger import setup_logging
+from parse_config import ConfigError, add_override_args, load_config, overrides_from_args
+from trainer.lit_model import LitClassifier
+from trainer.trainer import build_datamodule, build_model, build_trainer
+from utils import CheckpointError, count_parameters, load_checkpoint, model_state
+
+USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split.")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate (.ckpt)")
+    parser.add_argument("-c", "--config", default=None, help="config file (default: the one stored with -r)")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_override_args(parser)
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Loads the checkpoint into a fresh model and evaluates it; returns the figures."""
+    ckpt_path = Path(args.resume)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = load_config(args.config, ckpt_path, overrides_from_args(args))
+    model = build_model(cfg)
+    result = model.load_state_dict(model_state(ckpt), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt_path} does not fit {cfg.arch.type}{cfg.arch.args}: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    cfg.pretrained = None
+    lit_model = LitClassifier(model, cfg.model_dump())
+    datamodule = build_datamodule(cfg)
+    trainer = build_trainer(cfg, run_dir=None, enable_progress_bar=not args.json and cfg.trainer.progress_bar != "none",
+                            enable_model_summary=False)
+    # The "test" stage logs test/*; validating a checkpoint reuses the val loop and its val/* keys.
+    run = trainer.test if args.split == "test" else trainer.validate
+    metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]
+    total, nonzero = count_parameters(model)
+    out: dict[str, Any] = {"checkpoint": str(ckpt_path), "split": args.split, "arch": cfg.arch.type,
+                           "dataset": cfg.data_loader.type, "epoch": ckpt.get("epoch")}
+    for name in ("loss", *cfg.metrics):
+        out[name] = float(metrics[f"{args.split}/{name}"])
+    out.update(params=total, nonzero=nonzero, kept_pct=100.0 * nonzero / total)
+    return out
+
+
+def format_results(out: dict[str, Any]) -> str:
+    lines = [f"{out['arch']} on {out['dataset']} ({out['split']} split), checkpoint {out['checkpoint']}"]
+    for name in ("top1_err", "top5_err"):
+        if name in out:
+            lines.append(f"  {name:<9} {out[name]:8.2f} %")
+    lines.append(f"  {'loss':<9} {out['loss']:8.4f}")
+    lines.append(f"  {'params':<9} {out['params']:>8,}")
+    lines.append(f"  {'nonzero':<9} {out['nonzero']:>8,} ({out['kept_pct']:.2f} % kept)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    setup_logging(None)
+    try:
+        out = evaluate(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if args.json else format_results(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Whole runs of train.py and test.py on generated idx data: checkpoints, resume, --weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script, tiny_config
+
+train = load_script("train")
+test = load_script("test")
+
+
+def run_dirs(save_dir: Path) -> list[Path]:
+    return sorted((save_dir / "tiny").iterdir())
+
+
+def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_train_then_test_json(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(["-c", str(config_file)]) == 0
+    (run_dir,) = run_dirs(config_file.parent / "runs")
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "best.ckpt", "last.ckpt", "info.log"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["name"] == "tiny"
+
+    capsys.readouterr()
+    assert test.main(["-r", str(run_dir / "best.ckpt"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == 266_610 and out["nonzero"] == 266_610 and out["split"] == "test"
+    assert 0.0 <= out["top1_err"] <= 100.0 and 0.0 <= out["top5_err"] <= out["top1_err"]
+    # The generated bands are easy: two epochs must beat chance (90 % error) by a wide margin.
+    assert out["top1_err"] < 50.0
+
+    assert test.main(["-r", str(run_dir / "best.ckpt")]) == 0
+    text = capsys.readouterr().out
+    assert "top1_err" in text and "266,610" in text
+
+
+def test_tensorboard_gets_the_documented_keys(config_file: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(["-c", str(config_file), "--set", "trainer.max_epochs=1"]) == 0
+    (run_dir,) = run_dirs(config_file.parent / "runs")
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/top1_err", "val/top5_err", "lr-SGD"} <= tags
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, idx_dir: Path) -> None:
+    # Uninterrupted: 2 epochs. Interrupted: 1 epoch, then -r last.ckpt up to 2 epochs in a fresh call.
+    for name in ("straight", "interrupted"):
+        cfg = tiny_config(idx_dir, tmp_path / name, max_epochs=2 if name == "straight" else 1)
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        assert train.main(["-c", str(tmp_path / f"{name}.json")]) == 0
+    (straight,) = run_dirs(tmp_path / "straight")
+    (interrupted,) = run_dirs(tmp_path / "interrupted")
+    assert torch.load(interrupted / "last.ckpt", weights_only=True)["epoch"] == 0
+
+    assert train.main(["-r", str(interrupted / "last.ckpt"), "--set", "trainer.max_epochs=2"]) == 0
+    resumed = torch.load(interrupted / "last.ckpt", weights_only=True)
+    expected = torch.load(straight / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == expected["global_step"]
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    # The optimizer's momentum and the scheduler's position were restored too.
+    assert resumed["lr_schedulers"][0]["last_epoch"] == expected["lr_schedulers"][0]["last_epoch"]
+    assert json.loads((interrupted / "config.json").read_text())["trainer"]["max_epochs"] == 2
+    assert len(run_dirs(tmp_path / "interrupted")) == 1  # resumed in place, no new run folder
+
+
+def test_weights_start_a_new_run_from_trained_weights(config_file: Path) -> None:
+    assert train.main(["-c", str(config_file), "--set", "trainer.max_epochs=1"]) == 0
+    (first,) = run_dirs(config_file.parent / "runs")
+    source = final_weights(first / "last.ckpt")
+    # lr=0: the new run cannot move the weights, so they must equal the source exactly.
+    assert train.main(["-c", str(config_file), "--weights", str(first / "last.ckpt"), "--lr", "0",
+                       "--set", "trainer.max_epochs=1", "--wd", "0"]) == 0
+    second = [d for d in run_dirs(config_file.parent / "runs") if d != first][0]
+    started = torch.load(second / "last.ckpt", weights_only=True)
+    assert started["epoch"] == 0  # a new run: epochs count from zero
+    for key, value in source.items():
+        assert torch.equal(started["state_dict"][key], value), key
+    assert json.loads((second / "config.json").read_text())["pretrained"] == str(first / "last.ckpt")
+
+
+def test_test_script_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert test.main(["-r", str(tmp_path / "missing.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert test.main(["-r", str(tmp_path / "junk.ckpt")]) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
