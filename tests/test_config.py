@@ -130,3 +130,10 @@ def test_cli_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "invalid JSON at line 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")) + [ROOT / "config.json"],
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    cfg = parse_config(read_json(path))
+    assert cfg.trainer.accelerator == "auto"  # shipped configs must run on CPU and GPU alike

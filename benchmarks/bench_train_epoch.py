@@ -1,0 +1,106 @@
+"""One training epoch of LeNet-300-100 on MNIST-size data: our Trainer vs a plain PyTorch loop.
+
+Both sides train the same model (same seed, same SGD settings, same batch size) on the same 54,000
+in-memory Fashion-MNIST images (60k minus the 10 % validation split), side by side in one process,
+alternating, median of several runs. Validation is off on both sides: this times the training epoch.
+
+    python benchmarks/bench_train_epoch.py --data-dir ../shared/data/fashion-mnist --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import FashionMNIST  # noqa: E402
+from models import LeNet300  # noqa: E402
+from parse_config import parse_config  # noqa: E402
+from trainer.lit_model import LitClassifier  # noqa: E402
+from trainer.trainer import build_trainer  # noqa: E402
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of the training epoch alone (no setup, no checkpointing)."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def config(data_dir: str, batch_size: int, progress_bar: str) -> dict:
+    return {"name": "bench", "seed": 0, "arch": {"type": "LeNet300"},
+            "data_loader": {"type": "FashionMNIST", "args": {"data_dir": data_dir, "batch_size": batch_size}},
+            "optimizer": {"type": "SGD", "args": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}},
+            "trainer": {"max_epochs": 1, "limit_val_batches": 0, "progress_bar": progress_bar}}
+
+
+def ours(data_dir: str, batch_size: int, progress_bar: str, tmp: Path) -> float:
+    cfg = parse_config(config(data_dir, batch_size, progress_bar))
+    torch.manual_seed(0)
+    lit = LitClassifier(LeNet300(), cfg.model_dump())
+    timer = EpochTimer()
+    trainer = build_trainer(cfg, tmp, callbacks=[timer], num_sanity_val_steps=0, enable_model_summary=False)
+    dm = FashionMNIST(data_dir, batch_size=batch_size)
+    trainer.fit(lit, datamodule=dm)
+    return timer.seconds
+
+
+def plain(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    torch.manual_seed(0)
+    model = LeNet300()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    start = time.perf_counter()
+    order = torch.randperm(len(labels))
+    for i in range(0, len(labels), batch_size):
+        idx = order[i:i + batch_size]
+        x = images[idx].float().div_(255).sub_(FashionMNIST.mean[0]).div_(FashionMNIST.std[0])
+        loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="../shared/data/fashion-mnist", help="folder with the idx files")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size on both sides")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per side (median reported)")
+    parser.add_argument("--tmp", default="/tmp/dc_bench_runs", help="scratch run folder")
+    args = parser.parse_args()
+    import warnings
+    warnings.filterwarnings("ignore")
+    import logging
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    dm = FashionMNIST(args.data_dir, batch_size=args.batch_size)
+    dm.setup("fit")
+    images, labels = dm.train_set
+    times: dict[str, list[float]] = {"plain loop": [], "ours (no bar)": [], "ours (tqdm bar)": []}
+    for _ in range(args.runs):  # alternate so machine noise hits all sides alike
+        times["plain loop"].append(plain(images, labels, args.batch_size))
+        times["ours (no bar)"].append(ours(args.data_dir, args.batch_size, "none", Path(args.tmp)))
+        times["ours (tqdm bar)"].append(ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)))
+    print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"lightning {pl.__version__}")
+    print(f"LeNet-300-100, {len(labels):,} images, batch {args.batch_size}, {args.runs} runs (median)")
+    base = statistics.median(times["plain loop"])
+    print(f"{'side':<18}{'median s':>10}{'ratio':>8}   all runs (s)")
+    for side, values in times.items():
+        med = statistics.median(values)
+        print(f"{side:<18}{med:>10.3f}{med / base:>8.2f}   {' '.join(f'{v:.3f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()
