@@ -16,8 +16,8 @@ from data import DataNotFoundError
 from logger import setup_logging
 from parse_config import ConfigError, add_override_args, load_config, overrides_from_args
 from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_model, build_trainer
-from utils import CheckpointError, count_parameters, load_checkpoint, model_state
+from trainer.trainer import build_datamodule, build_model, build_trainer, load_weights
+from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
 
@@ -38,15 +38,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_path)
     cfg = load_config(args.config, ckpt_path, overrides_from_args(args))
     model = build_model(cfg)
-    result = model.load_state_dict(model_state(ckpt), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{ckpt_path} does not fit {cfg.arch.type}{cfg.arch.args}: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    load_weights(model, ckpt, ckpt_path)
     cfg.pretrained = None
     lit_model = LitClassifier(model, cfg.model_dump())
     datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, run_dir=None, enable_progress_bar=not args.json and cfg.trainer.progress_bar != "none",
-                            enable_model_summary=False)
+    if args.json:
+        cfg.trainer.progress_bar = "none"  # stdout carries only the JSON object
+    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False)
     # The "test" stage logs test/*; validating a checkpoint reuses the val loop and its val/* keys.
     run = trainer.test if args.split == "test" else trainer.validate
     metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]
@@ -55,7 +53,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                            "dataset": cfg.data_loader.type, "epoch": ckpt.get("epoch")}
     for name in ("loss", *cfg.metrics):
         out[name] = float(metrics[f"{args.split}/{name}"])
-    out.update(params=total, nonzero=nonzero, kept_pct=100.0 * nonzero / total)
+    out.update(params=total, nonzero=nonzero, kept_pct=100.0 * nonzero / total, layers=layer_sparsity(model))
     return out
 
 
@@ -67,7 +65,7 @@ def format_results(out: dict[str, Any]) -> str:
     lines.append(f"  {'loss':<9} {out['loss']:8.4f}")
     lines.append(f"  {'params':<9} {out['params']:>8,}")
     lines.append(f"  {'nonzero':<9} {out['nonzero']:>8,} ({out['kept_pct']:.2f} % kept)")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", format_sparsity(out["layers"])])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
 from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
-from trainer.trainer import build_datamodule, build_lit_model, build_trainer
+from trainer.trainer import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
 from utils import CheckpointError, count_parameters
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
@@ -48,23 +48,24 @@ def train(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     if args.weights:
         overrides.append(("pretrained", args.weights))
+    if args.resume and not Path(args.resume).is_file():
+        raise CheckpointError(f"checkpoint not found: {args.resume}")
     cfg = load_config(args.config, args.resume, overrides)
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Everything that can reject the config happens before the run folder exists. A resumed run takes
+    # every weight from its checkpoint, so `pretrained` is not loaded again.
+    datamodule = build_datamodule(cfg)
+    lit_model = build_lit_model(cfg, load_pretrained=not args.resume)
+    callbacks = build_config_callbacks(cfg, lit_model.model)
     if args.resume:
-        resume = Path(args.resume)
-        if not resume.is_file():
-            raise CheckpointError(f"checkpoint not found: {resume}")
-        run_dir = resume.parent
-        cfg.pretrained = None  # resuming restores every weight from the checkpoint itself
+        run_dir = Path(args.resume).parent
         write_config(cfg, run_dir / "config.json")  # the run now continues under this config
     else:
         run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     log = get_logger("train")
-    if cfg.seed is not None:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    lit_model = build_lit_model(cfg)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks)
     total, nonzero = count_parameters(lit_model.model)
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
              f"{cfg.data_loader.type}; run folder {run_dir}")

@@ -41,6 +41,29 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
 
 
+def layer_sparsity(model: nn.Module) -> list[dict[str, Any]]:
+    """Per ``Linear``/``Conv2d`` weight: name, shape, total, non-zero, % kept and std (Distiller's summary)."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            w = module.weight.detach()
+            nonzero = int(torch.count_nonzero(w))
+            rows.append({"name": name, "shape": list(w.shape), "total": w.numel(), "nonzero": nonzero,
+                         "kept_pct": 100.0 * nonzero / w.numel(), "std": float(w.float().std())})
+    return rows
+
+
+def format_sparsity(rows: list[dict[str, Any]]) -> str:
+    """The per-layer sparsity table as aligned text."""
+    width = max([len(r["name"]) for r in rows] + [5])
+    lines = [f"  {'layer':<{width}}  {'shape':<18} {'total':>12} {'non-zero':>12} {'% kept':>8} {'std':>9}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"  {r['name']:<{width}}  {shape:<18} {r['total']:>12,} {r['nonzero']:>12,} "
+                     f"{r['kept_pct']:>8.2f} {r['std']:>9.4f}")
+    return "\n".join(lines)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """Returns (total, non-zero) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

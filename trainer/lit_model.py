@@ -6,6 +6,7 @@ percent (``val/top1_err`` = 1.64 means 1.64 % misclassified) to compare directly
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +40,10 @@ class LitClassifier(pl.LightningModule):
                 "top5_err": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             }) for stage in ("val", "test")
         })
+        # Pruning masks: parameter name in self.model -> bool tensor (True = kept). Set by the pruning
+        # callback (or restored from a checkpoint); enforced on gradients and after every optimizer step,
+        # so pruned weights stay exactly zero whatever callbacks run, and saved with every checkpoint.
+        self.masks: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -82,6 +87,54 @@ class LitClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    # ------------------------------------------------------------------------------------- sparsity
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Installs pruning masks: zeroes the pruned weights and their optimizer state (momentum, Adam moments).
+
+        Raises:
+            ValueError: a name that is not a parameter of the model, or a shape mismatch.
+        """
+        params = dict(self.model.named_parameters())
+        for name, mask in masks.items():
+            if name not in params:
+                raise ValueError(f"mask for unknown parameter {name!r}; parameters: {', '.join(params)}")
+            if mask.shape != params[name].shape:
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(params[name].shape)}")
+            self.masks[name] = mask.to(params[name].device, torch.bool)
+        self.apply_masks_()
+        if self._trainer is not None:
+            for optimizer in self.trainer.optimizers:
+                for name, mask in masks.items():
+                    for value in optimizer.state.get(params[name], {}).values():
+                        if torch.is_tensor(value) and value.shape == mask.shape:
+                            value.mul_(mask.to(value.device))
+
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Multiplies every masked parameter by its mask (in place)."""
+        params = dict(self.model.named_parameters())
+        for name, mask in self.masks.items():
+            param = params[name]
+            if mask.device != param.device:
+                mask = self.masks[name] = mask.to(param.device)
+            param.mul_(mask)
+
+    def on_after_backward(self) -> None:
+        params = dict(self.model.named_parameters())
+        for name, mask in self.masks.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.mul_(mask)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.apply_masks_()  # Adam-style updates or momentum from before pruning must not revive weights
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are restored; the weights in the checkpoint are already zero where pruned.
+        params = dict(self.model.named_parameters())
+        self.masks = {n: m.to(params[n].device, torch.bool) for n, m in checkpoint.get("masks", {}).items()}
+
     def configure_optimizers(self) -> Any:
         spec = self.config["optimizer"]
         optimizer = OPTIMIZERS[spec["type"]](self.parameters(), **spec["args"])
@@ -94,3 +147,4 @@ class LitClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config  # plain JSON types: loadable with weights_only=True
+        checkpoint["masks"] = {name: mask.cpu() for name, mask in self.masks.items()}

@@ -16,7 +16,7 @@ from torch import nn
 from parse_config import Config, ConfigError, instantiate
 from trainer.callbacks import CALLBACKS
 from trainer.lit_model import LitClassifier
-from utils import load_checkpoint, model_state
+from utils import CheckpointError, load_checkpoint, model_state
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -29,25 +29,49 @@ def build_datamodule(cfg: Config) -> pl.LightningDataModule:
     return instantiate(cfg.data_loader, "data_loader")
 
 
-def build_lit_model(cfg: Config) -> LitClassifier:
-    """The LightningModule; with ``cfg.pretrained`` set, its weights start from that checkpoint."""
+def build_lit_model(cfg: Config, load_pretrained: bool = True) -> LitClassifier:
+    """The LightningModule; with ``cfg.pretrained`` set, its weights (and pruning masks) start from that
+    checkpoint, so a new run from a pruned checkpoint keeps its zeros."""
     model = build_model(cfg)
-    if cfg.pretrained:
-        load_weights(model, cfg.pretrained)
-    return LitClassifier(model, cfg.model_dump())
+    lit_model = LitClassifier(model, cfg.model_dump())
+    if cfg.pretrained and load_pretrained:
+        ckpt = load_checkpoint(cfg.pretrained)
+        load_weights(model, ckpt, cfg.pretrained)
+        lit_model.set_masks(ckpt.get("masks", {}))
+    return lit_model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Copies the network weights of a checkpoint into ``model`` (strict: shapes and names must match)."""
-    state = model_state(load_checkpoint(path))
-    result = model.load_state_dict(state, strict=False)
+def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match)."""
+    try:
+        result = model.load_state_dict(model_state(ckpt), strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {str(err)[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f"pretrained: {path} does not fit {type(model).__name__}: missing "
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing "
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
+def build_config_callbacks(cfg: Config, model: nn.Module) -> list[Callback]:
+    """The callbacks named in ``trainer.callbacks``, checked against the model before anything runs.
+
+    Raises:
+        ConfigError: bad arguments, or (compression callbacks) layer names or epochs that do not fit.
+    """
+    callbacks = []
+    for name, args in cfg.trainer.callbacks.items():
+        try:
+            callback = CALLBACKS[name](**args)
+            if hasattr(callback, "check"):
+                callback.check(model, cfg.trainer.max_epochs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"trainer.callbacks.{name}: {err}") from None
+        callbacks.append(callback)
+    return callbacks
+
+
 def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
-    """Checkpointing (best + last), LR monitor, early stopping, progress bar and the configured callbacks."""
+    """Checkpointing (best + last), LR monitor, early stopping and the progress bar."""
     tc = cfg.trainer
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir, filename="best", monitor=tc.monitor_metric, mode=tc.monitor_mode,
@@ -60,16 +84,16 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if tc.early_stop > 0:
         callbacks.append(EarlyStopping(monitor=tc.monitor_metric, mode=tc.monitor_mode, patience=tc.early_stop))
-    if tc.progress_bar == "rich":
-        callbacks.append(RichProgressBar())
-    elif tc.progress_bar == "tqdm":
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
-    for name, args in tc.callbacks.items():
-        try:
-            callbacks.append(CALLBACKS[name](**args))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"trainer.callbacks.{name}: {err}") from None
-    return callbacks
+    return callbacks + progress_bar(cfg)
+
+
+def progress_bar(cfg: Config) -> list[Callback]:
+    """The configured progress bar (tqdm writes to stderr, so --json output on stdout stays clean)."""
+    if cfg.trainer.progress_bar == "rich":
+        return [RichProgressBar()]
+    if cfg.trainer.progress_bar == "tqdm":
+        return [TQDMProgressBar(refresh_rate=10)]
+    return []
 
 
 def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Trainer:
@@ -87,7 +111,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
     )
     if run_dir is None:
         kwargs.update(logger=False, enable_checkpointing=False, default_root_dir=None)
-        callbacks: list[Callback] = []
+        callbacks: list[Callback] = progress_bar(cfg)
     else:
         kwargs.update(logger=TensorBoardLogger(save_dir=str(run_dir), name="", version=""),
                       default_root_dir=str(run_dir))

@@ -1,16 +1,19 @@
 """Callback registry: the names a config's ``trainer.callbacks`` may use.
 
-The compression callbacks (``IterativePruning``, ``Quantization``) register here as they land.
+Lightning's own callbacks plus the compression callbacks (``IterativePruning``, ...).
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
+from trainer.callbacks.pruning import IterativePruning
+
 CALLBACKS: dict[str, type[Callback]] = {
     "ModelCheckpoint": ModelCheckpoint,
     "EarlyStopping": EarlyStopping,
     "LearningRateMonitor": LearningRateMonitor,
+    "IterativePruning": IterativePruning,
 }
 
-__all__ = ["CALLBACKS"]
+__all__ = ["CALLBACKS", "IterativePruning"]
