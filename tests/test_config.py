@@ -135,5 +135,9 @@ def test_cli_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")) + [ROOT / "config.json"],
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:
+    from trainer.trainer import build_config_callbacks, build_model
+
     cfg = parse_config(read_json(path))
     assert cfg.trainer.accelerator == "auto"  # shipped configs must run on CPU and GPU alike
+    callbacks = build_config_callbacks(cfg, build_model(cfg))  # layer names and epochs fit the model
+    assert len(callbacks) == len(cfg.trainer.callbacks)

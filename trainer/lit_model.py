@@ -14,7 +14,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from logger import get_logger
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
+
+log = get_logger("train")
 
 
 class LitClassifier(pl.LightningModule):
@@ -70,10 +73,15 @@ class LitClassifier(pl.LightningModule):
             meter.update(logits, y)
 
     def _eval_epoch_end(self, stage: str) -> None:
+        values = {}
         for name in self.metrics:
             meter = self.acc[stage][name]
-            self.log(f"{stage}/{name}", 100.0 * (1.0 - meter.compute()), prog_bar=name == "top1_err")
+            values[name] = 100.0 * (1.0 - meter.compute())
+            self.log(f"{stage}/{name}", values[name], prog_bar=name == "top1_err")
             meter.reset()
+        if stage == "val" and not self.trainer.sanity_checking:
+            summary = ", ".join(f"{stage}/{k} {float(v):.2f}%" for k, v in values.items())
+            log.info(f"epoch {self.current_epoch}: {summary}")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
