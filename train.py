@@ -18,7 +18,7 @@ from data import DataNotFoundError
 from logger import get_logger, setup_logging
 from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
 from trainer.trainer import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
-from utils import CheckpointError, count_parameters
+from utils import CheckpointError, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
 
@@ -57,6 +57,8 @@ def train(args: argparse.Namespace) -> int:
     # every weight from its checkpoint, so `pretrained` is not loaded again.
     datamodule = build_datamodule(cfg)
     lit_model = build_lit_model(cfg, load_pretrained=not args.resume)
+    if args.resume:  # codebooks must exist before the optimizer is rebuilt and its state restored
+        lit_model.load_compression(load_checkpoint(args.resume))
     callbacks = build_config_callbacks(cfg, lit_model.model)
     if args.resume:
         run_dir = Path(args.resume).parent

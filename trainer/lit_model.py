@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from logger import get_logger
+from trainer.compression_state import CompressionState
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
 
 log = get_logger("train")
@@ -43,10 +44,10 @@ class LitClassifier(pl.LightningModule):
                 "top5_err": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             }) for stage in ("val", "test")
         })
-        # Pruning masks: parameter name in self.model -> bool tensor (True = kept). Set by the pruning
-        # callback (or restored from a checkpoint); enforced on gradients and after every optimizer step,
-        # so pruned weights stay exactly zero whatever callbacks run, and saved with every checkpoint.
-        self.masks: dict[str, torch.Tensor] = {}
+        # Pruning masks and codebooks, installed by the compression callbacks (or restored from a
+        # checkpoint) and enforced at every step; see trainer/compression_state.py.
+        self.compression = CompressionState()
+        self.codebook_lr: float | None = None  # learning rate of the codebooks (None: the optimizer's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -95,57 +96,46 @@ class LitClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    # ------------------------------------------------------------------------------------- sparsity
+    # ------------------------------------------------------------------------------------- compression
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Pruning masks by parameter name of ``self.model`` (True = kept)."""
+        return self.compression.masks
+
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Installs pruning masks: zeroes the pruned weights and their optimizer state (momentum, Adam moments).
-
-        Raises:
-            ValueError: a name that is not a parameter of the model, or a shape mismatch.
-        """
-        params = dict(self.model.named_parameters())
-        for name, mask in masks.items():
-            if name not in params:
-                raise ValueError(f"mask for unknown parameter {name!r}; parameters: {', '.join(params)}")
-            if mask.shape != params[name].shape:
-                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(params[name].shape)}")
-            self.masks[name] = mask.to(params[name].device, torch.bool)
-        self.apply_masks_()
+        """Installs pruning masks: zeroes the pruned weights and their optimizer state (momentum, Adam moments)."""
+        self.compression.set_masks(self.model, masks)
         if self._trainer is not None:
-            for optimizer in self.trainer.optimizers:
-                for name, mask in masks.items():
-                    for value in optimizer.state.get(params[name], {}).values():
-                        if torch.is_tensor(value) and value.shape == mask.shape:
-                            value.mul_(mask.to(value.device))
+            self.compression.clear_optimizer_state_(self.model, self.trainer.optimizers)
 
-    @torch.no_grad()
-    def apply_masks_(self) -> None:
-        """Multiplies every masked parameter by its mask (in place)."""
-        params = dict(self.model.named_parameters())
-        for name, mask in self.masks.items():
-            param = params[name]
-            if mask.device != param.device:
-                mask = self.masks[name] = mask.to(param.device)
-            param.mul_(mask)
+    def load_compression(self, checkpoint: Mapping[str, Any]) -> None:
+        """Installs the masks and codebooks stored in a checkpoint (before the optimizer is built)."""
+        self.compression.load_entries(self.model, checkpoint)
+        state = checkpoint.get("state_dict", {})
+        with torch.no_grad():
+            for key, codebook in self.compression.codebooks.items():
+                codebook.copy_(state[f"compression.codebooks.{key}"])
+        self.compression.apply_(self.model)
 
     def on_after_backward(self) -> None:
-        params = dict(self.model.named_parameters())
-        for name, mask in self.masks.items():
-            grad = params[name].grad
-            if grad is not None:
-                grad.mul_(mask)
+        self.compression.route_gradients_(self.model)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.apply_masks_()  # Adam-style updates or momentum from before pruning must not revive weights
+        self.compression.apply_(self.model)  # exact zeros and codebook values after every update
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs before the weights are restored; the weights in the checkpoint are already zero where pruned.
-        params = dict(self.model.named_parameters())
-        self.masks = {n: m.to(params[n].device, torch.bool) for n, m in checkpoint.get("masks", {}).items()}
+        self.compression.load_entries(self.model, checkpoint)  # before the state dict is restored
 
     def configure_optimizers(self) -> Any:
         spec = self.config["optimizer"]
-        optimizer = OPTIMIZERS[spec["type"]](self.parameters(), **spec["args"])
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        if len(self.compression.codebooks):  # trained from the first step they exist (paper §3.3)
+            group = {"params": list(self.compression.codebooks.parameters()), "weight_decay": 0.0}
+            if self.codebook_lr is not None:
+                group["lr"] = self.codebook_lr
+            groups.append(group)
+        optimizer = OPTIMIZERS[spec["type"]](groups, **spec["args"])
         sched_spec = self.config.get("lr_scheduler")
         if not sched_spec:
             return optimizer
@@ -155,4 +145,4 @@ class LitClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config  # plain JSON types: loadable with weights_only=True
-        checkpoint["masks"] = {name: mask.cpu() for name, mask in self.masks.items()}
+        checkpoint.update(self.compression.checkpoint_entries())

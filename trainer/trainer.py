@@ -37,7 +37,7 @@ def build_lit_model(cfg: Config, load_pretrained: bool = True) -> LitClassifier:
     if cfg.pretrained and load_pretrained:
         ckpt = load_checkpoint(cfg.pretrained)
         load_weights(model, ckpt, cfg.pretrained)
-        lit_model.set_masks(ckpt.get("masks", {}))
+        lit_model.load_compression(ckpt)
     return lit_model
 
 

@@ -1,0 +1,135 @@
+"""Pruning masks and shared-weight codebooks of a model, enforced during training.
+
+``CompressionState`` lives inside ``LitClassifier``. The callbacks decide when to prune or quantize and
+install the result here; this module keeps it true at every step:
+
+- pruned weights are zero after every optimizer step and receive no gradient (Han 2015 §3);
+- a quantized weight is ``codebook[index]`` on its mask: after backward, the weight's gradient is
+  summed per centroid into the codebook's gradient (Han 2016 eq. 3) and the weight itself gets none, so
+  the optimizer updates only the codebooks, which are ordinary parameters it sees from the start.
+
+The weights stay plain tensors (``model.fc1.weight``): a compressed checkpoint loads into a fresh model.
+Masks and indices travel in the checkpoint's ``"masks"`` / ``"quant_index"`` entries, the codebooks in
+its state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.quantization import centroid_grad, dequantize
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys cannot contain dots
+
+
+class CompressionState(nn.Module):
+    """Masks, codebooks and indices of the parameters of ``model`` (by parameter name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: dict[str, torch.Tensor] = {}  # bool, shaped like the parameter, True = kept
+        self.codebooks = nn.ParameterDict()  # _key(name) -> (k,) shared values, trained by the optimizer
+        self.index: dict[str, torch.Tensor] = {}  # name -> (n_kept,) int64 centroid of each kept weight
+
+    # ------------------------------------------------------------------------------- installing
+    def set_masks(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        """Installs pruning masks and zeroes the pruned weights.
+
+        Raises:
+            ValueError: unknown parameter name or shape mismatch.
+        """
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            if name not in params:
+                raise ValueError(f"mask for unknown parameter {name!r}; parameters: {', '.join(params)}")
+            if mask.shape != params[name].shape:
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(params[name].shape)}")
+            if name in self.index and not torch.equal(mask.to(self.masks[name].device), self.masks[name]):
+                raise ValueError(f"{name} is quantized: its mask can no longer change")
+            self.masks[name] = mask.to(params[name].device, torch.bool)
+        self.apply_(model)
+
+    def add_codebook(self, name: str, size: int, device: torch.device | None = None) -> nn.Parameter:
+        """Registers a (size,) codebook for parameter ``name`` (before the optimizer is built)."""
+        if _key(name) not in self.codebooks:
+            self.codebooks[_key(name)] = nn.Parameter(torch.zeros(size, device=device))
+        return self.codebooks[_key(name)]
+
+    def set_quantization(self, model: nn.Module, name: str, centroids: torch.Tensor, index: torch.Tensor) -> None:
+        """Quantizes parameter ``name``: its kept weights become ``centroids[index]`` (codebook padded with 0).
+
+        The mask is the installed one, else the parameter's non-zero entries (zeros stay zeros).
+        """
+        param = dict(model.named_parameters())[name]
+        if name not in self.masks:
+            self.masks[name] = param.detach() != 0
+        codebook = self.add_codebook(name, len(centroids), param.device)
+        if len(centroids) > len(codebook) or len(index) != int(self.masks[name].sum()):
+            raise ValueError(f"{name}: {len(centroids)} centroids for a codebook of {len(codebook)}, "
+                             f"{len(index)} indices for {int(self.masks[name].sum())} kept weights")
+        with torch.no_grad():
+            codebook.zero_()
+            codebook[: len(centroids)] = centroids.to(codebook)
+        self.index[name] = index.to(param.device, torch.int64)
+        self.apply_(model)
+
+    # ------------------------------------------------------------------------------- enforcing
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> None:
+        """Makes every parameter match its mask and codebook (called after every optimizer step)."""
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            param = params[name]
+            if mask.device != param.device:
+                mask = self.masks[name] = mask.to(param.device)
+            if name in self.index:
+                index = self.index[name] = self.index[name].to(param.device)
+                param.copy_(dequantize(self.codebooks[_key(name)], index, mask))
+            else:
+                param.mul_(mask)
+
+    def route_gradients_(self, model: nn.Module) -> None:
+        """After backward: masks gradients; moves quantized weights' gradients onto their codebooks."""
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            grad = params[name].grad
+            if grad is None:
+                continue
+            if name in self.index:
+                codebook = self.codebooks[_key(name)]
+                g = centroid_grad(grad, self.index[name], mask, len(codebook))
+                codebook.grad = g if codebook.grad is None else codebook.grad + g
+                params[name].grad = None  # the optimizer must not move the weight itself
+            else:
+                grad.mul_(mask)
+
+    def clear_optimizer_state_(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Zeroes momentum / Adam moments at pruned positions so old momentum cannot move pruned weights."""
+        params = dict(model.named_parameters())
+        for optimizer in optimizers:
+            for name, mask in self.masks.items():
+                for value in optimizer.state.get(params[name], {}).values():
+                    if torch.is_tensor(value) and value.shape == mask.shape:
+                        value.mul_(mask.to(value.device))
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def checkpoint_entries(self) -> dict[str, Any]:
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()},
+                "quant_index": {n: i.cpu() for n, i in self.index.items()}}
+
+    def load_entries(self, model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+        """Restores masks, indices and codebook *shapes* from a checkpoint (values come with the state dict)."""
+        params = dict(model.named_parameters())
+        for name, mask in checkpoint.get("masks", {}).items():
+            self.masks[name] = mask.to(params[name].device, torch.bool)
+        sizes = {k: v.shape[0] for k, v in checkpoint.get("state_dict", {}).items()
+                 if k.startswith("compression.codebooks.")}
+        for name, index in checkpoint.get("quant_index", {}).items():
+            self.index[name] = index.to(params[name].device, torch.int64)
+            self.add_codebook(name, sizes[f"compression.codebooks.{_key(name)}"], params[name].device)
