@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from parse_config import Config, ConfigError, instantiate
-from trainer.callbacks import CALLBACKS
+from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
 from trainer.lit_model import LitClassifier
 from utils import CheckpointError, load_checkpoint, model_state
 
@@ -67,7 +67,17 @@ def build_config_callbacks(cfg: Config, model: nn.Module) -> list[Callback]:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"trainer.callbacks.{name}: {err}") from None
         callbacks.append(callback)
+    _check_order(callbacks)
     return callbacks
+
+
+def _check_order(callbacks: list[Callback]) -> None:
+    """Quantization fixes each layer's mask, so every pruning step must come before it."""
+    pruning = [c for c in callbacks if isinstance(c, IterativePruning)]
+    quantization = [c for c in callbacks if isinstance(c, Quantization)]
+    if pruning and quantization and max(pruning[0].steps) >= quantization[0].epoch:
+        raise ConfigError(f"trainer.callbacks.Quantization.epoch: quantization at epoch {quantization[0].epoch} "
+                          f"must come after the last pruning step (epoch {max(pruning[0].steps)})")
 
 
 def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:

@@ -1,6 +1,6 @@
 """Callback registry: the names a config's ``trainer.callbacks`` may use.
 
-Lightning's own callbacks plus the compression callbacks (``IterativePruning``, ...).
+Lightning's own callbacks plus the compression callbacks (``IterativePruning``, ``Quantization``).
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from trainer.callbacks.pruning import IterativePruning
+from trainer.callbacks.quantization import Quantization
 
 CALLBACKS: dict[str, type[Callback]] = {
     "ModelCheckpoint": ModelCheckpoint,
     "EarlyStopping": EarlyStopping,
     "LearningRateMonitor": LearningRateMonitor,
     "IterativePruning": IterativePruning,
+    "Quantization": Quantization,
 }
 
-__all__ = ["CALLBACKS", "IterativePruning"]
+__all__ = ["CALLBACKS", "IterativePruning", "Quantization"]
