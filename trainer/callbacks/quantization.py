@@ -44,7 +44,7 @@ class Quantization(Callback):
 
     def __init__(self, bits: int | dict[str, int] | None = None, init: str = "linear", epoch: int = 0,
                  lr: float | None = None, layers: list[str] | None = None, seed: int = 0,
-                 max_iter: int = 300) -> None:
+                 max_iter: int = 1000) -> None:
         bits = dict(DEFAULT_BITS) if bits is None else bits
         for key, value in (bits.items() if isinstance(bits, dict) else [("bits", bits)]):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
