@@ -181,3 +181,13 @@ def test_pruning_config_errors_before_training(tmp_path: Path, idx_dir: Path, pr
     assert train.main(["-c", str(path)]) == 2
     assert __import__("re").search(match, capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()  # rejected before any run folder was made
+
+
+def test_best_checkpoint_comes_from_after_the_last_pruning_step(tmp_path: Path, idx_dir: Path) -> None:
+    # Epoch 0 at 28 % kept has the best validation error so far; best.ckpt must still be fully pruned.
+    path = write(tmp_path, idx_dir, "best", {"keep_ratio": PAPER_LENET300, "schedule": "epochs", "epochs": [0, 2]},
+                 max_epochs=3)
+    assert train.main(["-c", str(path)]) == 0
+    best = state(only_run(tmp_path / "best") / "best.ckpt")
+    assert best["epoch"] == 2
+    assert int(best["state_dict"]["model.fc1.weight"].count_nonzero()) == 18_816

@@ -19,6 +19,7 @@ from typing_extensions import override
 from compression.pruning import (SCHEDULES, adjusted_dropout, global_magnitude_masks, keep_ratio_at,
                                  magnitude_mask, progress, schedule_epochs, std_threshold_mask)
 from logger import get_logger
+from trainer.callbacks.best import reset_best
 from trainer.callbacks.layers import per_layer, prunable_layers
 
 CRITERIA = ("magnitude", "std", "global")
@@ -162,6 +163,7 @@ class IterativePruning(Callback):
         if self.adjust_dropout:
             self._adjust_dropout(pl_module.model, masks)
         self._report(trainer, pl_module, before, step)
+        reset_best(trainer)  # best.ckpt must come from after this step
 
     def _adjust_dropout(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         for parent_name, parent in model.named_modules():

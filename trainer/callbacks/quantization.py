@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from compression.kmeans import INITS, kmeans_1d
 from logger import get_logger
+from trainer.callbacks.best import reset_best
 from trainer.callbacks.layers import per_layer
 
 log = get_logger("quantization")
@@ -112,6 +113,7 @@ class Quantization(Callback):
                 optimizer.state.pop(codebook, None)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        reset_best(trainer)  # best.ckpt must be a quantized model
 
     @staticmethod
     def _histogram(trainer: pl.Trainer, tag: str, values: Any) -> None:
