@@ -1,0 +1,239 @@
+"""The ``.dcz`` file: a JSON header plus named binary sections, every part CRC32-checked, no pickle.
+
+Deep Compression (Han et al. 2016, §4 and Table 1) measures a model by the size of what is stored:
+per layer a codebook, Huffman-coded weight indices and Huffman-coded relative positions. This module
+only frames such byte strings; what goes in them is decided by the caller. Layout, little-endian:
+
+    offset  size  field
+    0       8     MAGIC b"\\x89DCZ\\r\\n\\x1a\\n" (high-bit byte, CRLF, ^Z, LF: catches text-mode mangling)
+    8       2     format version, u16 (readers refuse newer versions)
+    10      4     header length H, u32 (at most MAX_HEADER_BYTES)
+    14      4     CRC32 of the header bytes, u32
+    18      H     header: a JSON object, UTF-8
+    18+H    4     number of sections, u32
+    then per section:
+            1     name length N, u8 (1..255)
+            N     name, UTF-8, unique within the file
+            8     data length D, u64
+            4     CRC32 of name and data, u32
+            D     data
+    nothing after the last section.
+
+Writes are atomic (temp file in the same folder, fsync, ``os.replace``); reads check every length
+against the bytes left in the file before reading it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+import zlib
+from typing import BinaryIO
+
+MAGIC = b"\x89DCZ\r\n\x1a\n"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 << 20  # the header is a table of contents, not data
+MAX_NAME_BYTES = 255
+_PREFIX = struct.Struct("<8sHII")  # magic, version, header length, header CRC32
+_COUNT = struct.Struct("<I")
+_SECTION = struct.Struct("<QI")  # data length, CRC32 (after the u8 name length and the name)
+_MIN_SECTION = 1 + 1 + _SECTION.size  # a section with a one-byte name and no data
+
+
+class ContainerError(ValueError):
+    """A ``.dcz`` file is missing, damaged, or not a ``.dcz`` file at all."""
+
+
+def _encode_header(header: dict) -> bytes:
+    if not isinstance(header, dict):
+        raise TypeError(f"header must be a dict, got {type(header).__name__}")
+    try:
+        text = json.dumps(header, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"header is not JSON-serialisable: {err}") from err
+    data = text.encode("utf-8")
+    if len(data) > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {len(data)} bytes, at most {MAX_HEADER_BYTES} allowed")
+    return data
+
+
+def _encode_names(sections: list[tuple[str, bytes]]) -> list[bytes]:
+    names = []
+    for item in sections:
+        name = item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else None
+        if not isinstance(name, str) or not isinstance(item[1], (bytes, bytearray, memoryview)):
+            raise TypeError(f"each section must be a (name: str, data: bytes) pair, got {item!r:.80}")
+        raw = name.encode("utf-8")
+        if not 1 <= len(raw) <= MAX_NAME_BYTES:
+            raise ValueError(f"section name {name!r} must be 1..{MAX_NAME_BYTES} UTF-8 bytes, got {len(raw)}")
+        if raw in names:
+            raise ValueError(f"duplicate section name {name!r}")
+        names.append(raw)
+    return names
+
+
+def _write_body(f: BinaryIO, header: bytes, names: list[bytes], sections: list[tuple[str, bytes]]) -> int:
+    f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header)) + header)
+    f.write(_COUNT.pack(len(sections)))
+    written = _PREFIX.size + len(header) + _COUNT.size
+    for raw, (_, data) in zip(names, sections):
+        data = memoryview(data).cast("B")
+        crc = zlib.crc32(data, zlib.crc32(raw))
+        f.write(bytes([len(raw)]) + raw + _SECTION.pack(data.nbytes, crc))
+        f.write(data)
+        written += 1 + len(raw) + _SECTION.size + data.nbytes
+    return written
+
+
+def write_container(path: str | os.PathLike, header: dict, sections: list[tuple[str, bytes]]) -> int:
+    """Writes a ``.dcz`` file atomically: the file at ``path`` is either complete or untouched.
+
+    Args:
+        path: destination; its folder must exist.
+        header: JSON-serialisable dict (no NaN/Infinity).
+        sections: ``(name, data)`` pairs, names unique and 1..255 UTF-8 bytes, in file order.
+
+    Returns:
+        The number of bytes written, equal to the size of the file.
+
+    Raises:
+        TypeError: if the header is not a dict or a section not a (str, bytes) pair (nothing is written).
+        ValueError: if the header is not JSON-serialisable or a name is empty, too long or repeated.
+        OSError: if the folder is not writable; no temp file is left behind.
+    """
+    header_bytes = _encode_header(header)
+    names = _encode_names(sections)
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            written = _write_body(f, header_bytes, names, sections)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_folder(os.path.dirname(path) or ".")
+    return written
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes the rename itself durable where the OS allows it (POSIX); best effort elsewhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Reader:
+    """Reads a file piece by piece, refusing any piece longer than what is left."""
+
+    def __init__(self, f: BinaryIO, size: int, path: str) -> None:
+        self.f, self.size, self.path, self.offset = f, size, path, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        left = self.size - self.offset
+        if n > left:
+            raise ContainerError(f"{self.path}: truncated file: {what} needs {n} bytes at offset {self.offset}, "
+                                 f"only {left} left")
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ContainerError(f"{self.path}: file shrank while reading {what} at offset {self.offset}")
+        self.offset += n
+        return data
+
+
+def _read_header(r: _Reader) -> dict:
+    magic = r.take(len(MAGIC), "magic")
+    if magic != MAGIC:
+        raise ContainerError(f"{r.path}: not a .dcz file (starts with {magic!r}, expected {MAGIC!r})")
+    _, version, length, crc = _PREFIX.unpack(magic + r.take(_PREFIX.size - len(MAGIC), "version and header size"))
+    if version > FORMAT_VERSION:
+        raise ContainerError(f"{r.path}: written by a newer version of deep-compression (format {version}, "
+                             f"this one reads up to {FORMAT_VERSION}); upgrade deep-compression to read it")
+    if version < 1:
+        raise ContainerError(f"{r.path}: invalid format version {version}, expected 1..{FORMAT_VERSION}")
+    if length > MAX_HEADER_BYTES:
+        raise ContainerError(f"{r.path}: header length {length} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    raw = r.take(length, "header")
+    if zlib.crc32(raw) != crc:
+        raise ContainerError(f"{r.path}: CRC mismatch in the header (stored {crc:#010x}, "
+                             f"computed {zlib.crc32(raw):#010x})")
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ContainerError(f"{r.path}: invalid header JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise ContainerError(f"{r.path}: header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in the header")
+
+
+def _read_section(r: _Reader, index: int, seen: set[str]) -> tuple[str, bytes]:
+    name_len = r.take(1, f"name length of section {index}")[0]
+    if name_len == 0:
+        raise ContainerError(f"{r.path}: section {index} has an empty name")
+    raw = r.take(name_len, f"name of section {index}")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ContainerError(f"{r.path}: section {index} name is not UTF-8: {raw!r}") from err
+    if name in seen:
+        raise ContainerError(f"{r.path}: duplicate section name {name!r} (section {index})")
+    length, crc = _SECTION.unpack(r.take(_SECTION.size, f"size of section {index} {name!r}"))
+    data = r.take(length, f"data of section {index} {name!r}")
+    if zlib.crc32(data, zlib.crc32(raw)) != crc:
+        raise ContainerError(f"{r.path}: CRC mismatch in section {index} {name!r} ({length} bytes)")
+    seen.add(name)
+    return name, data
+
+
+def read_container(path: str | os.PathLike) -> tuple[dict, list[tuple[str, bytes]]]:
+    """Reads and validates a ``.dcz`` file completely.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(header, sections)`` as given to ``write_container``.
+
+    Raises:
+        ContainerError: if the file is missing or unreadable, not a ``.dcz`` file, from a newer format
+            version, truncated, fails a CRC, has an invalid header or absurd counts, or has trailing bytes.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return _read_file(f, path)
+    except FileNotFoundError as err:
+        raise ContainerError(f"{path}: not found") from err
+    except OSError as err:
+        raise ContainerError(f"{path}: cannot read: {err}") from err
+
+
+def _read_file(f: BinaryIO, path: str) -> tuple[dict, list[tuple[str, bytes]]]:
+    r = _Reader(f, os.fstat(f.fileno()).st_size, path)
+    header = _read_header(r)
+    (count,) = _COUNT.unpack(r.take(_COUNT.size, "section count"))
+    if count * _MIN_SECTION > r.size - r.offset:
+        raise ContainerError(f"{path}: truncated file: {count} sections declared, but only "
+                             f"{r.size - r.offset} bytes left (each section takes at least {_MIN_SECTION})")
+    seen: set[str] = set()
+    sections = [_read_section(r, i, seen) for i in range(count)]
+    if r.offset != r.size:
+        raise ContainerError(f"{path}: {r.size - r.offset} bytes of trailing garbage after the last "
+                             f"section (offset {r.offset})")
+    return header, sections
