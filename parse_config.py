@@ -118,6 +118,19 @@ class TrainerConfig(_Strict):
         return self.monitor.split()[1]
 
 
+class ExportConfig(_Strict):
+    enabled: bool = True  # write model.dcz + compression_report.{md,json} after a compressing fit
+    index_bits: int | dict[Literal["Conv2d", "Linear"], int] = 5  # relative-index width before Huffman
+
+    @field_validator("index_bits")
+    @classmethod
+    def _bits_range(cls, value: int | dict[str, int]) -> int | dict[str, int]:
+        for bits in (value.values() if isinstance(value, dict) else [value]):
+            if not 1 <= bits <= 16:
+                raise ValueError(f"index bits must be in 1..16, got {bits}")
+        return value
+
+
 class Config(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # run name, the folder under trainer.save_dir
     seed: int | None = 42  # seeds Python, NumPy and torch (None: unseeded)
@@ -129,6 +142,7 @@ class Config(_Strict):
     loss: Literal[tuple(LOSSES)] = "cross_entropy"  # type: ignore[valid-type]
     metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
 # ---------------------------------------------------------------------------------------------- errors

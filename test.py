@@ -12,19 +12,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from data import DataNotFoundError
+from dcz import CompressedFileError, is_compressed_file, read_compressed
 from logger import setup_logging
-from parse_config import ConfigError, add_override_args, load_config, overrides_from_args
+from parse_config import (Config, ConfigError, add_override_args, apply_overrides, load_config, overrides_from_args,
+                          parse_config, read_json)
 from trainer.lit_model import LitClassifier
 from trainer.trainer import build_datamodule, build_model, build_trainer, load_weights
 from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity, load_checkpoint
 
-USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
+USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split.")
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint to evaluate (.ckpt)")
+    parser.add_argument("-r", "--resume", required=True, help="checkpoint (.ckpt) or compressed file (.dcz) to evaluate")
     parser.add_argument("-c", "--config", default=None, help="config file (default: the one stored with -r)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -32,13 +36,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Loads the checkpoint into a fresh model and evaluates it; returns the figures."""
-    ckpt_path = Path(args.resume)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = load_config(args.config, ckpt_path, overrides_from_args(args))
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """The model and config of a checkpoint or of a ``.dcz`` file (rebuilt from the file alone)."""
+    path = Path(args.resume)
+    if is_compressed_file(path):
+        model, header = read_compressed(path)
+        raw = read_json(args.config) if args.config else header.get("config")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} carries no config to evaluate with: pass -c CONFIG.json")
+        cfg = parse_config(apply_overrides(raw, overrides_from_args(args)))
+        return model, cfg, {"epoch": None, "format": "dcz", "file_bytes": path.stat().st_size}
+    ckpt = load_checkpoint(path)
+    cfg = load_config(args.config, path, overrides_from_args(args))
     model = build_model(cfg)
-    load_weights(model, ckpt, ckpt_path)
+    load_weights(model, ckpt, path)
+    return model, cfg, {"epoch": ckpt.get("epoch"), "format": "ckpt"}
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Loads the checkpoint or .dcz file into a fresh model and evaluates it; returns the figures."""
+    ckpt_path = Path(args.resume)
+    model, cfg, info = load_model(args)
     cfg.pretrained = None
     lit_model = LitClassifier(model, cfg.model_dump())
     datamodule = build_datamodule(cfg)
@@ -50,7 +68,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]
     total, nonzero = count_parameters(model)
     out: dict[str, Any] = {"checkpoint": str(ckpt_path), "split": args.split, "arch": cfg.arch.type,
-                           "dataset": cfg.data_loader.type, "epoch": ckpt.get("epoch")}
+                           "dataset": cfg.data_loader.type, **info}
     for name in ("loss", *cfg.metrics):
         out[name] = float(metrics[f"{args.split}/{name}"])
     out.update(params=total, nonzero=nonzero, kept_pct=100.0 * nonzero / total, layers=layer_sparsity(model))

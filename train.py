@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from data import DataNotFoundError
+from dcz import encode_checkpoint
 from logger import get_logger, setup_logging
 from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
 from trainer.trainer import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
@@ -79,7 +80,27 @@ def train(args: argparse.Namespace) -> int:
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     log.info(f"done at epoch {trainer.current_epoch}; best {cfg.trainer.monitor_metric} = "
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
+    compressed = lit_model.masks or len(lit_model.compression.codebooks)
+    if cfg.export.enabled and compressed and trainer.is_global_zero:
+        export(trainer, run_dir)
     return 0
+
+
+def export(trainer: pl.Trainer, run_dir: Path) -> None:
+    """Writes model.dcz and compression_report.{md,json} for the best checkpoint (else the last one)."""
+    log = get_logger("train")
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    source = Path(best_path) if best_path and Path(best_path).is_file() else run_dir / "last.ckpt"
+    out, report = encode_checkpoint(source, run_dir / "model.dcz")
+    f, t = report["file"], report["paper_total"]
+    log.info(f"wrote {out} from {source.name}: {f['bytes']:,} bytes, {f['rate']:.1f}x smaller than the dense "
+             f"float32 parameters ({f['dense_float32_bytes']:,} bytes); paper's accounting P+Q {t['rate_pq']:.1f}x, "
+             f"P+Q+H {t['rate_pqh']:.1f}x; report in {out.with_name('compression_report.md')}")
+    metrics = {"compression/file_bytes": f["bytes"], "compression/file_rate": f["rate"],
+               "compression/rate_pq": t["rate_pq"], "compression/rate_pqh": t["rate_pqh"]}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""The .dcz file: bit-identical round trips, test.py on the file, the report, and every corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from compression.model_codec import decode_tensor, encode_tensor
+from conftest import load_script, tiny_config
+from dcz import CompressedFileError, encode_checkpoint, read_compressed, save_compressed
+from models import LeNet5, LeNet300
+
+train = load_script("train")
+test = load_script("test")
+
+
+def compress_like_the_paper(model: torch.nn.Module, keep: float, bits: int, seed: int = 0) -> dict[str, Any]:
+    """Prunes every weight matrix to ``keep`` and quantizes it to ``bits`` (what the callbacks produce)."""
+    from compression.kmeans import kmeans_1d
+    from compression.pruning import magnitude_mask
+
+    masks, codebooks, indices = {}, {}, {}
+    for name, p in model.named_parameters():
+        if not name.endswith("weight"):
+            continue
+        mask = magnitude_mask(p, keep)
+        result = kmeans_1d(p.detach()[mask].double().numpy(), 2 ** bits, seed=seed)
+        cb, idx = torch.from_numpy(result.centroids), torch.from_numpy(result.labels)
+        with torch.no_grad():
+            p.zero_()
+            p[mask] = cb[idx]
+        masks[name], codebooks[name], indices[name] = mask, cb, idx
+    return {"masks": masks, "codebooks": codebooks, "indices": indices}
+
+
+@pytest.mark.parametrize(("model", "arch", "keep", "bits"), [
+    (LeNet300(), {"type": "LeNet300", "args": {"num_classes": 10}}, 0.08, 6),
+    (LeNet5(), {"type": "LeNet5", "args": {"num_classes": 10}}, 0.1, 5),
+])
+def test_decode_encode_is_bit_identical(tmp_path: Path, model: torch.nn.Module, arch: dict, keep: float,
+                                        bits: int) -> None:
+    torch.manual_seed(0)
+    state = compress_like_the_paper(model, keep, bits)
+    report = save_compressed(model, tmp_path / "m.dcz", arch=arch, **state)
+    decoded, header = read_compressed(tmp_path / "m.dcz")
+    for name, value in model.state_dict().items():
+        assert torch.equal(decoded.state_dict()[name], value), name
+    assert report["file"]["bytes"] == os.path.getsize(tmp_path / "m.dcz")
+    assert report["file"]["rate"] > 10  # ~10 % kept at <= 6 bits: far smaller than float32
+    assert header["arch"] == arch
+
+
+def test_model_without_compressed_layers_round_trips(tmp_path: Path) -> None:
+    model = LeNet300()
+    report = save_compressed(model, tmp_path / "dense.dcz", arch={"type": "LeNet300", "args": {}})
+    decoded = read_compressed(tmp_path / "dense.dcz")[0]
+    assert all(torch.equal(decoded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert report["file"]["rate"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("case", ["sparse", "quantized_dense", "edges", "empty"])
+def test_tensor_codec_cases(case: str) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(40, 50)
+    mask, codebook, index = torch.rand(40, 50) < 0.05, None, None
+    if case == "quantized_dense":  # quantized without pruning: every weight kept
+        mask, codebook = torch.ones(40, 50, dtype=torch.bool), torch.tensor([-1.0, 0.5, 2.0])
+        index = torch.randint(0, 3, (2000,))
+    if case == "edges":  # first and last element kept, a gap of ~2000 with 3-bit indices
+        mask = torch.zeros(40, 50, dtype=torch.bool)
+        mask.view(-1)[[0, 1999]] = True
+    if case == "empty":
+        mask = torch.zeros(40, 50, dtype=torch.bool)
+    w = w * mask if codebook is None else torch.zeros(40, 50).masked_scatter(mask, codebook[index])
+    entry, sections, stats = encode_tensor("w", w, mask, codebook, index, index_bits=3)
+    assert torch.equal(decode_tensor(entry, dict(sections)), w)
+    assert stats.kept == int(mask.sum())
+
+
+def run_pipeline(tmp_path: Path, idx_dir: Path) -> Path:
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=2)
+    cfg["trainer"]["callbacks"] = {"IterativePruning": {"keep_ratio": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26}},
+                                   "Quantization": {"bits": 6, "epoch": 1, "lr": 1e-4}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert train.main(["-c", str(tmp_path / "c.json")]) == 0
+    (run,) = sorted((tmp_path / "runs" / "tiny").iterdir())
+    return run
+
+
+def test_train_writes_dcz_and_test_py_gives_identical_results(tmp_path: Path, idx_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_pipeline(tmp_path, idx_dir)
+    assert {"model.dcz", "compression_report.md", "compression_report.json"} <= {p.name for p in run.iterdir()}
+    report = json.loads((run / "compression_report.json").read_text())
+    assert report["file"]["bytes"] == os.path.getsize(run / "model.dcz")
+    capsys.readouterr()
+    results = []
+    for path in (run / "best.ckpt", run / "model.dcz"):
+        assert test.main(["-r", str(path), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    for key in ("loss", "top1_err", "top5_err", "nonzero", "params", "layers"):
+        assert results[0][key] == results[1][key], key
+    # The decoded weights equal the quantized weights of the checkpoint, bit for bit.
+    ckpt = torch.load(run / "best.ckpt", weights_only=True)
+    decoded = read_compressed(run / "model.dcz")[0]
+    for name, value in decoded.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][f"model.{name}"]), name
+    # dcz.py encode does the same for any checkpoint.
+    out, again = encode_checkpoint(run / "best.ckpt", tmp_path / "again.dcz")
+    assert again["file"]["bytes"] == os.path.getsize(out) and (tmp_path / "compression_report.md").is_file()
+
+
+@pytest.fixture(scope="module")
+def dcz_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dcz") / "m.dcz"
+    torch.manual_seed(0)
+    model = LeNet300()
+    save_compressed(model, path, arch={"type": "LeNet300", "args": {}}, **compress_like_the_paper(model, 0.1, 4))
+    return path
+
+
+def section_offsets(path: Path) -> list[tuple[str, int, int]]:
+    """(name, data offset, data length) of every section, parsed independently of the reader."""
+    import struct
+
+    data = path.read_bytes()
+    header_len = struct.unpack_from("<I", data, 10)[0]
+    at = 18 + header_len
+    count = struct.unpack_from("<I", data, at)[0]
+    at += 4
+    out = []
+    for _ in range(count):
+        n = data[at]
+        name = data[at + 1:at + 1 + n].decode()
+        length = struct.unpack_from("<Q", data, at + 1 + n)[0]
+        start = at + 1 + n + 12
+        out.append((name, start, length))
+        at = start + length
+    return out
+
+
+def test_every_corrupted_section_is_named(dcz_file: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    sections = section_offsets(dcz_file)
+    assert len(sections) == 12  # weight: codebook, index, position; bias: raw; for 3 layers
+    for name, start, length in sections:
+        data = bytearray(dcz_file.read_bytes())
+        data[start + length // 2] ^= 0xFF
+        bad = tmp_path / "bad.dcz"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(CompressedFileError, match=re_escape(name)):
+            read_compressed(bad)
+        assert test.main(["-r", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda d: d[: len(d) // 2], "truncated"),
+    (lambda d: b"PK\x03\x04" + d[4:], "not a .dcz file"),
+    (lambda d: d[:8] + (99).to_bytes(2, "little") + d[10:], "newer version"),
+    (lambda d: d[:20] + bytes([d[20] ^ 0xFF]) + d[21:], "header"),
+])
+def test_damaged_files_give_one_clear_error(dcz_file: Path, tmp_path: Path, mutate: Any, match: str) -> None:
+    bad = tmp_path / "bad.dcz"
+    bad.write_bytes(mutate(dcz_file.read_bytes()))
+    with pytest.raises(CompressedFileError, match=match):
+        read_compressed(bad)
+
+
+def test_hostile_header_cannot_make_us_allocate(tmp_path: Path) -> None:
+    from compression.container import write_container
+
+    write_container(tmp_path / "huge.dcz", {"arch": {"type": "VGG16", "args": {"num_classes": 10 ** 9}},
+                                             "tensors": []}, [])
+    with pytest.raises(CompressedFileError, match="more than the"):
+        read_compressed(tmp_path / "huge.dcz")
+    write_container(tmp_path / "alien.dcz", {"arch": {"type": "ResNet50"}, "tensors": []}, [])
+    with pytest.raises(CompressedFileError, match="names no known architecture"):
+        read_compressed(tmp_path / "alien.dcz")
