@@ -10,7 +10,7 @@ Python API::
                              masks=masks, codebooks=codebooks, indices=indices)
 
 The file (``compression.container``): magic + version, a JSON header (architecture and its arguments,
-input normalisation, class count, the run's config, one entry per tensor) and CRC32-checked sections
+input normalisation, class count, the data and metrics to evaluate it with, one entry per tensor) and CRC32-checked sections
 (``compression.model_codec``). No pickle anywhere; reading validates every size before allocating.
 """
 
@@ -32,6 +32,7 @@ from compression.model_codec import decode_tensor, encode_tensor
 from compression.report import build_report, to_markdown
 from models import MODELS
 
+AUTO_INDEX_BITS = range(2, 13)  # widths tried by index_bits="auto"
 MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is not one of ours
 
 
@@ -41,7 +42,7 @@ class CompressedFileError(ValueError):
 
 def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
                     masks: dict[str, torch.Tensor] | None = None, codebooks: dict[str, torch.Tensor] | None = None,
-                    indices: dict[str, torch.Tensor] | None = None, index_bits: int | dict[str, int] = 5,
+                    indices: dict[str, torch.Tensor] | None = None, index_bits: int | str | dict[str, Any] = 5,
                     metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes ``model`` as a ``.dcz`` file (atomically) and returns the compression report.
 
@@ -51,8 +52,8 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
         arch: ``{"type": name in models.MODELS, "args": {...}}``: how the decoder rebuilds the model.
         masks: Pruning masks by parameter name; those tensors are stored sparse.
         codebooks, indices: Shared values and centroid indices by parameter name (quantized tensors).
-        index_bits: Bits of a relative position before Huffman coding: one number or ``{"Conv2d": 8,
-            "Linear": 5}`` by layer type.
+        index_bits: Bits of a relative position before Huffman coding: one number, ``"auto"`` (per tensor,
+            the width in 2..12 with the smallest coded size), or ``{"Conv2d": 8, "Linear": "auto"}`` by type.
         metadata: Extra header fields (``input`` normalisation, ``class_names``, ``config``...).
 
     Returns:
@@ -64,15 +65,20 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
     kinds = {f"{n}.weight": type(m).__name__ for n, m in model.named_modules()}
     entries, sections, stats = [], [], []
     for name, tensor in model.state_dict().items():
-        bits = index_bits if isinstance(index_bits, int) else index_bits.get(kinds.get(name, ""), 5)
-        entry, parts, stat = encode_tensor(name, tensor, masks.get(name), codebooks.get(name), indices.get(name), bits)
+        bits = index_bits if not isinstance(index_bits, dict) else index_bits.get(kinds.get(name, ""), 5)
+        args = (name, tensor, masks.get(name), codebooks.get(name), indices.get(name))
+        if bits == "auto":  # beyond the paper: the width that gives this tensor the smallest coded size
+            entry, parts, stat = min((encode_tensor(*args, b) for b in AUTO_INDEX_BITS), key=lambda e: e[2].bytes)
+        else:
+            entry, parts, stat = encode_tensor(*args, bits)
         entries.append(entry)
         sections += parts
         stats.append(stat)
     header = {"format": "deep-compression", "arch": arch, "tensors": entries, **(metadata or {})}
     size = write_container(path, header, sections)
     dense = sum(p.numel() for p in model.parameters())
-    return build_report(stats, size, dense, len(json.dumps(header)))
+    header_bytes = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode())
+    return build_report(stats, size, dense, header_bytes)
 
 
 def read_compressed(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -146,7 +152,7 @@ def _empty_model(path: str | Path, header: dict[str, Any]) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None = None,
-                      index_bits: int | dict[str, int] | None = None) -> tuple[Path, dict[str, Any]]:
+                      index_bits: int | str | dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Writes ``model.dcz``, ``compression_report.md`` and ``.json`` for a (pruned / quantized) checkpoint.
 
     Returns:
@@ -165,7 +171,9 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None = None,
     key = {n: f"compression.codebooks.{n.replace('.', '__')}" for n in ckpt.get("quant_index", {})}
     codebooks = {n: ckpt["state_dict"][k] for n, k in key.items()}
     datamodule = DATAMODULES[config["data_loader"]["type"]]
-    metadata = {"num_classes": arch["args"].get("num_classes"), "config": config,
+    # What test.py needs to evaluate the file (the data it was trained on); the training settings stay out.
+    evaluation = {key: config[key] for key in ("name", "data_loader", "loss", "metrics") if key in config}
+    metadata = {"num_classes": arch["args"].get("num_classes"), "eval": evaluation,
                 "input": {"mean": list(datamodule.mean), "std": list(datamodule.std)}}
     bits = index_bits if index_bits is not None else config.get("export", {}).get("index_bits", 5)
     out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")
@@ -183,14 +191,23 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _index_bits(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError(f"must be 1..16 or 'auto', got {text!r}")
+    return int(text)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write the .dcz compressed file of a checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="encode a checkpoint into model.dcz + compression_report.{md,json}")
     enc.add_argument("checkpoint", help="a .ckpt written by train.py (pruned and/or quantized)")
     enc.add_argument("--out", default=None, help="output file (default: model.dcz beside the checkpoint)")
-    enc.add_argument("--index-bits", type=int, default=None,
-                     help="bits of a relative index before Huffman coding (default: the config's export.index_bits)")
+    enc.add_argument("--index-bits", type=_index_bits, default=None,
+                     help="bits of a relative index before Huffman coding, 1..16 or 'auto' "
+                          "(default: the config's export.index_bits)")
     return parser
 
 

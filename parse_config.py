@@ -120,14 +120,15 @@ class TrainerConfig(_Strict):
 
 class ExportConfig(_Strict):
     enabled: bool = True  # write model.dcz + compression_report.{md,json} after a compressing fit
-    index_bits: int | dict[Literal["Conv2d", "Linear"], int] = 5  # relative-index width before Huffman
+    # Relative-index width before Huffman: 1..16, "auto" (smallest file per tensor), or by layer type.
+    index_bits: int | Literal["auto"] | dict[Literal["Conv2d", "Linear"], int | Literal["auto"]] = 5
 
     @field_validator("index_bits")
     @classmethod
-    def _bits_range(cls, value: int | dict[str, int]) -> int | dict[str, int]:
+    def _bits_range(cls, value: Any) -> Any:
         for bits in (value.values() if isinstance(value, dict) else [value]):
-            if not 1 <= bits <= 16:
-                raise ValueError(f"index bits must be in 1..16, got {bits}")
+            if bits != "auto" and not 1 <= bits <= 16:
+                raise ValueError(f"index bits must be in 1..16 or 'auto', got {bits}")
         return value
 
 

@@ -41,9 +41,9 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, A
     path = Path(args.resume)
     if is_compressed_file(path):
         model, header = read_compressed(path)
-        raw = read_json(args.config) if args.config else header.get("config")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} carries no config to evaluate with: pass -c CONFIG.json")
+        raw = read_json(args.config) if args.config else evaluation_config(header)
+        if raw is None:
+            raise ConfigError(f"{path} carries no data settings to evaluate with: pass -c CONFIG.json")
         cfg = parse_config(apply_overrides(raw, overrides_from_args(args)))
         return model, cfg, {"epoch": None, "format": "dcz", "file_bytes": path.stat().st_size}
     ckpt = load_checkpoint(path)
@@ -51,6 +51,15 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, A
     model = build_model(cfg)
     load_weights(model, ckpt, path)
     return model, cfg, {"epoch": ckpt.get("epoch"), "format": "ckpt"}
+
+
+def evaluation_config(header: dict[str, Any]) -> dict[str, Any] | None:
+    """A config to evaluate a .dcz file with: its architecture and the data settings stored with it."""
+    evaluation = header.get("eval")
+    if not isinstance(evaluation, dict) or "data_loader" not in evaluation:
+        return None
+    # The optimizer is required by the schema but unused by evaluation.
+    return {"name": "dcz", **evaluation, "arch": header["arch"], "optimizer": {"type": "SGD", "args": {"lr": 0.0}}}
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
