@@ -83,6 +83,8 @@ class CompressionState(nn.Module):
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
         """Makes every parameter match its mask and codebook (called after every optimizer step)."""
+        if not self.masks:
+            return
         params = dict(model.named_parameters())
         for name, mask in self.masks.items():
             param = params[name]
@@ -96,6 +98,8 @@ class CompressionState(nn.Module):
 
     def route_gradients_(self, model: nn.Module) -> None:
         """After backward: masks gradients; moves quantized weights' gradients onto their codebooks."""
+        if not self.masks:
+            return
         params = dict(model.named_parameters())
         for name, mask in self.masks.items():
             grad = params[name].grad
