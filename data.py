@@ -129,8 +129,8 @@ class _BaseDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= validation_split < 1.0:
-            raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+        if not 0.0 < validation_split < 1.0:  # validation drives best.ckpt and the schedules
+            raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.data_dir, self.download = Path(data_dir).expanduser(), download
@@ -168,7 +168,10 @@ class _MNISTFamily(_BaseDataModule):
                                     f"Put its four idx files in {self.data_dir} instead.") from None
 
     def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "_loaded", None) == stage:  # Lightning calls setup on every fit/validate/test
+            return
         folder = self._idx_folder()
+        self._loaded = stage
         if stage in (None, "fit", "validate"):
             images, labels = (read_idx(_find_file(folder, f)) for f in IDX_FILES["train"])
             train_idx, val_idx = _split(len(labels), self.validation_split, self.seed)

@@ -71,7 +71,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     if args.json:
         cfg.trainer.progress_bar = "none"  # stdout carries only the JSON object
-    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False)
+    # Evaluate the whole split, whatever smoke-run limits the training config had.
+    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, limit_val_batches=1.0, limit_test_batches=1.0)
     # The "test" stage logs test/*; validating a checkpoint reuses the val loop and its val/* keys.
     run = trainer.test if args.split == "test" else trainer.validate
     metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]

@@ -51,7 +51,7 @@ def test_valid_config_resolves_num_classes_from_data(raw: dict[str, Any]) -> Non
     ("optimizer.args.lr", "fast", r"optimizer\.args\.lr: expected"),
     ("data_loader.args.batch_size", "64", r"data_loader\.args\.batch_size: expected int, got '64'"),
     ("data_loader.args.batch_size", 0, r"data_loader\.args: FashionMNIST rejected .*batch_size must be >= 1"),
-    ("data_loader.args.validation_split", 1.5, r"validation_split must be in \[0, 1\)"),
+    ("data_loader.args.validation_split", 1.5, r"validation_split must be in \(0, 1\)"),
     ("data_loader.args.shuffle", True, r"data_loader\.args\.shuffle: unknown argument for FashionMNIST"),
     ("arch.args.num_classes", 100, r"arch\.args\.num_classes: FashionMNIST has 10 classes, got 100"),
     ("arch.args.depth", 3, r"arch\.args\.depth: unknown argument for LeNet300; valid arguments: num_classes"),

@@ -80,7 +80,7 @@ class LitClassifier(pl.LightningModule):
             values[name] = 100.0 * (1.0 - meter.compute())
             self.log(f"{stage}/{name}", values[name], prog_bar=name == "top1_err")
             meter.reset()
-        if stage == "val" and not self.trainer.sanity_checking:
+        if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             summary = ", ".join(f"{stage}/{k} {float(v):.2f}%" for k, v in values.items())
             log.info(f"epoch {self.current_epoch}: {summary}")
 

@@ -49,7 +49,7 @@ def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> No
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: {str(err)[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing "
-                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def build_config_callbacks(cfg: Config, model: nn.Module) -> list[Callback]:

@@ -94,6 +94,9 @@ class Quantization(Callback):
             param_name, weight = f"{name}.weight", modules[name].weight
             mask = pl_module.masks.get(param_name, weight.detach() != 0)
             values = weight.detach()[mask].double().cpu().numpy()
+            if not len(values):  # pruned away entirely: nothing to share, the layer stays all zeros
+                log.info(f"Quantization skipped {name}: no weight is kept")
+                continue
             self._histogram(trainer, f"weights/{name}/before_quantization", values)
             result = kmeans_1d(values, 2 ** bits, init=self.init, seed=self.seed, max_iter=self.max_iter)
             centroids, index = torch.from_numpy(result.centroids), torch.from_numpy(result.labels)
