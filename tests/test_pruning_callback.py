@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 import trainer.trainer as trainer_module
-from conftest import ROOT, load_script, tiny_config
+from conftest import ROOT, StopAfter, load_script, tiny_config
 
 train = load_script("train")
 test = load_script("test")
@@ -96,16 +95,6 @@ def test_sparsity_is_logged_to_tensorboard(tmp_path: Path, idx_dir: Path) -> Non
     total = (0.08 * 235_200 + 0.09 * 30_000 + 0.26 * 1_000) / 266_200
     assert events.Scalars("sparsity/total")[-1].value == pytest.approx(100 * total, rel=1e-4)
 
-
-class StopAfter(pl.Callback):
-    """Interrupts the fit at the end of an epoch, as a killed job would after its last checkpoint."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def test_resume_in_a_new_process_keeps_masks_and_prunes_on_schedule(

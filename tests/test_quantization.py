@@ -7,13 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 import trainer.trainer as trainer_module
 from compression.quantization import centroid_grad, dequantize
-from conftest import load_script, tiny_config
+from conftest import StopAfter, load_script, tiny_config
 from models import LeNet300
 from trainer.lit_model import LitClassifier
 
@@ -92,14 +91,6 @@ def test_prune_quantize_finetune(tmp_path: Path, idx_dir: Path) -> None:
         assert not torch.equal(cb, frozen_cb)
         assert torch.equal(index, ref["quant_index"][f"{layer}.weight"])  # assignments stay fixed
 
-
-class StopAfter(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def test_resume_mid_finetuning_reproduces_the_codebook(tmp_path: Path, idx_dir: Path,
