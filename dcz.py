@@ -177,6 +177,7 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None = None,
                 "input": {"mean": list(datamodule.mean), "std": list(datamodule.std)}}
     bits = index_bits if index_bits is not None else config.get("export", {}).get("index_bits", 5)
     out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = save_compressed(model, out, arch=arch, masks=ckpt.get("masks", {}), codebooks=codebooks,
                              indices=ckpt.get("quant_index", {}), index_bits=bits, metadata=metadata)
     report["source"] = {"checkpoint": str(ckpt_path), "file": str(out)}
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         out, report = encode_checkpoint(args.checkpoint, args.out, args.index_bits)
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(to_markdown(report, f"Compression report: {out}"))
