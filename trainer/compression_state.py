@@ -135,5 +135,8 @@ class CompressionState(nn.Module):
         sizes = {k: v.shape[0] for k, v in checkpoint.get("state_dict", {}).items()
                  if k.startswith("compression.codebooks.")}
         for name, index in checkpoint.get("quant_index", {}).items():
+            key = f"compression.codebooks.{_key(name)}"
+            if key not in sizes or name not in params:
+                raise ValueError(f"checkpoint has quantization indices for {name} but no codebook {key}")
             self.index[name] = index.to(params[name].device, torch.int64)
-            self.add_codebook(name, sizes[f"compression.codebooks.{_key(name)}"], params[name].device)
+            self.add_codebook(name, sizes[key], params[name].device)

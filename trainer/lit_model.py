@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from logger import get_logger
 from trainer.compression_state import CompressionState
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
+from utils import CheckpointError
 
 log = get_logger("train")
 
@@ -109,8 +110,15 @@ class LitClassifier(pl.LightningModule):
             self.compression.clear_optimizer_state_(self.model, self.trainer.optimizers)
 
     def load_compression(self, checkpoint: Mapping[str, Any]) -> None:
-        """Installs the masks and codebooks stored in a checkpoint (before the optimizer is built)."""
-        self.compression.load_entries(self.model, checkpoint)
+        """Installs the masks and codebooks stored in a checkpoint (before the optimizer is built).
+
+        Raises:
+            CheckpointError: the checkpoint's compression entries do not fit the model.
+        """
+        try:
+            self.compression.load_entries(self.model, checkpoint)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"compression state does not fit {type(self.model).__name__}: {err}") from None
         state = checkpoint.get("state_dict", {})
         with torch.no_grad():
             for key, codebook in self.compression.codebooks.items():
