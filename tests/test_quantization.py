@@ -147,3 +147,21 @@ def test_quantization_config_errors(tmp_path: Path, idx_dir: Path, callbacks: di
                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["-c", str(write(tmp_path, idx_dir, "bad", callbacks, max_epochs=2))]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_quantization_reports_to_tensorboard(tmp_path: Path, idx_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callbacks = {"IterativePruning": {"keep_ratio": KEEP}, "Quantization": {"bits": 4, "epoch": 1}}
+    assert train.main(["-c", str(write(tmp_path, idx_dir, "tb", callbacks, max_epochs=2))]) == 0
+    (run,) = sorted((tmp_path / "tb" / "tiny").iterdir())
+    events = EventAccumulator(str(run), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    histograms, scalars = set(events.Tags()["histograms"]), set(events.Tags()["scalars"])
+    for layer in LAYERS:  # the paper's Fig. 4 views: dense, pruned (before k-means), quantized
+        assert {f"weights/{layer}/at_start", f"weights/{layer}/before_quantization",
+                f"weights/{layer}/quantized"} <= histograms
+        assert events.Scalars(f"quant/{layer}/bits")[-1].value == 4
+        assert 1 <= events.Scalars(f"quant/{layer}/clusters")[-1].value <= 16
+        assert events.Scalars(f"quant/{layer}/iterations")[-1].value >= 0
+    assert {"compression/file_rate", "compression/rate_pqh"} <= scalars  # the .dcz figures of the run
