@@ -56,6 +56,19 @@ def ours(data_dir: str, batch_size: int, progress_bar: str, tmp: Path) -> float:
     return timer.seconds
 
 
+def bare_lightning(data_dir: str, batch_size: int) -> float:
+    """The same LightningModule in a Trainer with no logger, checkpoint or callback: Lightning's own floor."""
+    cfg = parse_config(config(data_dir, batch_size, "none"))
+    torch.manual_seed(0)
+    lit = LitClassifier(LeNet300(), cfg.model_dump())
+    timer = EpochTimer()
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[timer], accelerator="cpu", devices=1)
+    trainer.fit(lit, datamodule=FashionMNIST(data_dir, batch_size=batch_size))
+    return timer.seconds
+
+
 def plain(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     torch.manual_seed(0)
     model = LeNet300()
@@ -87,9 +100,11 @@ def main() -> None:
     dm = FashionMNIST(args.data_dir, batch_size=args.batch_size)
     dm.setup("fit")
     images, labels = dm.train_set
-    times: dict[str, list[float]] = {"plain loop": [], "ours (no bar)": [], "ours (tqdm bar)": []}
+    times: dict[str, list[float]] = {"plain loop": [], "bare Lightning": [], "ours (no bar)": [],
+                                     "ours (tqdm bar)": []}
     for _ in range(args.runs):  # alternate so machine noise hits all sides alike
         times["plain loop"].append(plain(images, labels, args.batch_size))
+        times["bare Lightning"].append(bare_lightning(args.data_dir, args.batch_size))
         times["ours (no bar)"].append(ours(args.data_dir, args.batch_size, "none", Path(args.tmp)))
         times["ours (tqdm bar)"].append(ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)))
     print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
