@@ -164,7 +164,8 @@ class _MNISTFamily(_BaseDataModule):
             for train in (True, False):
                 self.torchvision_cls(str(self.data_dir), train=train, download=True)
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when offline
-            raise DataNotFoundError(f"{self.folder} could not be downloaded into {self.data_dir} ({err}). "
+            reason = " ".join(str(err).split())  # torchvision's message spans several lines
+            raise DataNotFoundError(f"{self.folder} could not be downloaded into {self.data_dir} ({reason}). "
                                     f"Put its four idx files in {self.data_dir} instead.") from None
 
     def setup(self, stage: str | None = None) -> None:

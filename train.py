@@ -57,6 +57,9 @@ def train(args: argparse.Namespace) -> int:
     # Everything that can reject the config happens before the run folder exists. A resumed run takes
     # every weight from its checkpoint, so `pretrained` is not loaded again.
     datamodule = build_datamodule(cfg)
+    if not os.environ.get("DC_RUN_DIR"):  # the launching process (DDP workers find the data in place)
+        datamodule.prepare_data()  # download if asked: missing data fails here, not inside the fit
+    datamodule.setup("fit")
     lit_model = build_lit_model(cfg, load_pretrained=not args.resume)
     if args.resume:  # codebooks must exist before the optimizer is rebuilt and its state restored
         lit_model.load_compression(load_checkpoint(args.resume))

@@ -121,6 +121,7 @@ def test_train_cli_errors_exit_2(config_file: Path, args: list[str], match: str,
     train = load_script("train")
     assert train.main(["-c", str(config_file), *args]) == 2
     assert match in capsys.readouterr().err
+    assert not (config_file.parent / "runs").exists()  # rejected before a run folder was made
 
 
 def test_cli_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
