@@ -13,6 +13,7 @@ import argparse
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/fashion-mnist", help="folder with the idx files")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size on both sides")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per side (median reported)")
-    parser.add_argument("--tmp", default="/tmp/dc_bench_runs", help="scratch run folder")
+    parser.add_argument("--tmp", default=str(Path(tempfile.gettempdir()) / "dc_bench_runs"),
+                        help="scratch run folder")
     args = parser.parse_args()
     import warnings
     warnings.filterwarnings("ignore")
