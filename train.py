@@ -18,6 +18,7 @@ from data import DataNotFoundError
 from dcz import encode_checkpoint
 from logger import get_logger, setup_logging
 from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
+from trainer.callbacks import Quantization
 from trainer.trainer import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
 from utils import CheckpointError, count_parameters, load_checkpoint
 
@@ -71,7 +72,13 @@ def train(args: argparse.Namespace) -> int:
         run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     log = get_logger("train")
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks)
+    overrides = {}
+    quantizing = any(isinstance(c, Quantization) for c in callbacks) or len(lit_model.compression.codebooks)
+    if cfg.trainer.strategy == "ddp" and quantizing:
+        # Codebooks take no part in autograd (their gradients are summed from the weights' after backward),
+        # so DDP must be told that some parameters get no gradient from the loss.
+        overrides["strategy"] = "ddp_find_unused_parameters_true"
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, **overrides)
     total, nonzero = count_parameters(lit_model.model)
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
              f"{cfg.data_loader.type}; run folder {run_dir}")
