@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import os
 from pathlib import Path
 
 CONFIG_FILE = Path(__file__).with_name("logger_config.json")
@@ -24,6 +25,8 @@ def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
             logger["handlers"] = [h for h in logger["handlers"] if h in handlers]
     else:
         handlers["info_file_handler"]["filename"] = str(Path(run_dir) / handlers["info_file_handler"]["filename"])
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:  # a DDP worker: rank 0 speaks for the run
+        level = max(level, logging.WARNING)
     for logger in config["loggers"].values():
         logger["level"] = level
     logging.config.dictConfig(config)
