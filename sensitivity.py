@@ -30,11 +30,11 @@ from compression.sensitivity import (BUDGET_TOL, KINDS, QUANTIZE_EPOCH, Metrics,
                                      sweep_points)
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
-from parse_config import METRICS, Config, ConfigError, add_override_args, load_config, overrides_from_args
+from parse_config import METRICS, Config, ConfigError, add_override_args, overrides_from_args
 from trainer.callbacks.layers import prunable_layers, resolve
 from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_model, build_trainer, load_weights
-from utils import CheckpointError, load_checkpoint
+from trainer.trainer import build_datamodule, build_trainer, load_trained_model
+from utils import CheckpointError
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
 COLUMNS = ("layer", "kind", "value", "init", "top1_err", "top5_err", "loss")
@@ -93,10 +93,7 @@ def sweep_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
     """The network of ``-r`` with its weights, and the config (``-c``, else the checkpoint's, plus overrides)."""
-    ckpt = load_checkpoint(args.resume)
-    cfg = load_config(args.config, args.resume, overrides_from_args(args))
-    model = build_model(cfg)
-    load_weights(model, ckpt, args.resume)
+    model, cfg, _ = load_trained_model(args.resume, args.config, overrides_from_args(args))
     return model, cfg
 
 

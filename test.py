@@ -17,11 +17,11 @@ from torch import nn
 from data import DataNotFoundError
 from dcz import CompressedFileError, is_compressed_file, read_compressed
 from logger import setup_logging
-from parse_config import (Config, ConfigError, add_override_args, apply_overrides, load_config, overrides_from_args,
-                          parse_config, read_json)
+from parse_config import (Config, ConfigError, add_override_args, apply_overrides, overrides_from_args, parse_config,
+                          read_json)
 from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_model, build_trainer, load_weights
-from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity, load_checkpoint
+from trainer.trainer import build_datamodule, build_trainer, load_trained_model
+from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileError)
 
@@ -46,10 +46,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, A
             raise ConfigError(f"{path} carries no data settings to evaluate with: pass -c CONFIG.json")
         cfg = parse_config(apply_overrides(raw, overrides_from_args(args)))
         return model, cfg, {"epoch": None, "format": "dcz", "file_bytes": path.stat().st_size}
-    ckpt = load_checkpoint(path)
-    cfg = load_config(args.config, path, overrides_from_args(args))
-    model = build_model(cfg)
-    load_weights(model, ckpt, path)
+    model, cfg, ckpt = load_trained_model(path, args.config, overrides_from_args(args))
     return model, cfg, {"epoch": ckpt.get("epoch"), "format": "ckpt"}
 
 

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from parse_config import Config, ConfigError, instantiate
+from parse_config import Config, ConfigError, instantiate, load_config
 from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
 from trainer.lit_model import LitClassifier
 from utils import CheckpointError, load_checkpoint, model_state
@@ -50,6 +50,17 @@ def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> No
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing "
                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def load_trained_model(ckpt_path: str | Path, config_path: str | Path | None,
+                       overrides: list[tuple[str, Any]]) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """A checkpoint's network with its weights, its config (``config_path``, else the stored one, plus
+    overrides) and the loaded checkpoint: what test.py and sensitivity.py evaluate."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = load_config(config_path, ckpt_path, overrides)
+    model = build_model(cfg)
+    load_weights(model, ckpt, ckpt_path)
+    return model, cfg, ckpt
 
 
 def build_config_callbacks(cfg: Config, model: nn.Module) -> list[Callback]:
