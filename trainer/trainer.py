@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint,
-                                         RichProgressBar, TQDMProgressBar)
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from parse_config import Config, ConfigError, instantiate, load_config
 from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
+from trainer.lean import ModelCheckpoint, NullProfiler
 from trainer.lit_model import LitClassifier
 from utils import CheckpointError, load_checkpoint, model_state
 
@@ -125,10 +125,11 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
     tc = cfg.trainer
     kwargs: dict[str, Any] = dict(
         max_epochs=tc.max_epochs, min_epochs=tc.min_epochs, accelerator=tc.accelerator, devices=tc.devices,
-        strategy=tc.strategy, precision=tc.precision, gradient_clip_val=tc.gradient_clip_val,
+        strategy=tc.strategy, precision=tc.precision,  # gradient clipping: LitClassifier
         log_every_n_steps=tc.log_every_n_steps, deterministic=tc.deterministic,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
         enable_progress_bar=tc.progress_bar != "none",
+        profiler=NullProfiler(),  # Lightning's default minus its per-hook cost (trainer/lean.py)
     )
     if run_dir is None:
         kwargs.update(logger=False, enable_checkpointing=False, default_root_dir=None)

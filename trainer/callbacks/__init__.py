@@ -1,14 +1,15 @@
 """Callback registry: the names a config's ``trainer.callbacks`` may use.
 
-Lightning's own callbacks plus the compression callbacks (``IterativePruning``, ``Quantization``).
+Lightning's own callbacks (``ModelCheckpoint`` from ``trainer/lean.py``: same class, cheaper per step) plus the compression callbacks (``IterativePruning``, ``Quantization``).
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 
 from trainer.callbacks.pruning import IterativePruning
 from trainer.callbacks.quantization import Quantization
+from trainer.lean import ModelCheckpoint  # Lightning's, with its state key cached
 
 CALLBACKS: dict[str, type[Callback]] = {
     "ModelCheckpoint": ModelCheckpoint,

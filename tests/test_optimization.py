@@ -1,0 +1,82 @@
+"""The optimizer step LitClassifier writes out itself: schedulers, gradient clipping, step counts; trainer/lean.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+from conftest import load_script, tiny_config
+from trainer.lean import ModelCheckpoint, NullProfiler
+
+train = load_script("train")
+
+
+def run(tmp_path: Path, idx_dir: Path, name: str, *args: str, **changes: Any) -> dict[str, Any]:
+    """Trains the tiny config with ``changes`` merged in; returns its last.ckpt."""
+    cfg = tiny_config(idx_dir, tmp_path / name)
+    for key, value in changes.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key != "lr_scheduler" else value
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path), *args]) == 0
+    (run_dir,) = sorted((tmp_path / name / "tiny").iterdir())
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def lr(ckpt: dict[str, Any]) -> float:
+    return ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+
+
+def test_step_lr_is_stepped_once_per_epoch_and_every_batch_is_one_step(tmp_path: Path, idx_dir: Path) -> None:
+    ckpt = run(tmp_path, idx_dir, "steplr")  # StepLR(step_size=1, gamma=0.5), 2 epochs, lr 0.05
+    # Stepped at the end of epochs 0 and 1, before last.ckpt is written: 0.05 * 0.5**2.
+    assert lr(ckpt) == pytest.approx(0.0125)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 2
+    # 320 images, 20 % for validation: 256 / 32 = 8 batches per epoch, one optimizer step each.
+    assert ckpt["global_step"] == 16
+
+
+def test_reduce_on_plateau_reads_val_loss(tmp_path: Path, idx_dir: Path) -> None:
+    # mode "max" with a 1000 % threshold: only the first epoch counts as an improvement of val/loss, so
+    # with patience 0 the learning rate halves after epochs 1 and 2.
+    plateau = {"type": "ReduceLROnPlateau",
+               "args": {"mode": "max", "patience": 0, "factor": 0.5, "threshold": 10.0}}
+    ckpt = run(tmp_path, idx_dir, "plateau", lr_scheduler=plateau, trainer={"max_epochs": 3})
+    assert lr(ckpt) == pytest.approx(0.05 * 0.5 ** 2)
+
+
+def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    return float(torch.stack([(after[k] - before[k]).norm() for k in before if k.startswith("model.")]).norm())
+
+
+def test_gradient_clip_val_bounds_the_update(tmp_path: Path, idx_dir: Path) -> None:
+    # One plain SGD step (lr 1, no momentum or decay) from the same seeded init: the update is the
+    # gradient, so its norm is the clipped gradient norm.
+    sgd = {"type": "SGD", "args": {"lr": 1.0}}
+    one_step = {"max_epochs": 1, "limit_train_batches": 1}
+    start = run(tmp_path, idx_dir, "start", "--lr", "0", optimizer=sgd, trainer=one_step)["state_dict"]
+    free = run(tmp_path, idx_dir, "free", optimizer=sgd, trainer=one_step)["state_dict"]
+    clipped = run(tmp_path, idx_dir, "clipped", optimizer=sgd,
+                  trainer={**one_step, "gradient_clip_val": 1e-3})["state_dict"]
+    assert update_norm(start, free) > 0.05  # the unclipped gradient is far above the limit
+    assert update_norm(start, clipped) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_cached_state_key_is_lightnings_and_follows_monitor_changes() -> None:
+    ours = ModelCheckpoint(dirpath="unused", filename="best", monitor="val/top1_err", mode="min")
+    theirs = LightningModelCheckpoint(dirpath="unused", filename="best", monitor="val/top1_err", mode="min")
+    assert ours.state_key == theirs.state_key and "val/top1_err" in ours.state_key
+    ours.monitor = theirs.monitor = "val/loss"
+    assert ours.state_key == theirs.state_key and "val/loss" in ours.state_key
+
+
+def test_null_profiler_is_a_reusable_no_op_context() -> None:
+    profiler = NullProfiler()
+    for _ in range(2):
+        with profiler.profile("[Callback]x.on_train_batch_end") as value:
+            assert value is None
