@@ -194,8 +194,9 @@ class _MNISTFamily(_BaseDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch  # (N, 28, 28) uint8, on the device already
-        images = images.unsqueeze(1).float().div_(255).sub_(self.mean[0]).div_(self.std[0])
-        return images, labels
+        # (x / 255 - mean) / std as one multiply-add: two passes over the batch instead of three.
+        scale, shift = 1.0 / (255 * self.std[0]), -self.mean[0] / self.std[0]
+        return images.unsqueeze(1).float().mul_(scale).add_(shift), labels
 
 
 class MNIST(_MNISTFamily):

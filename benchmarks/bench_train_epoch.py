@@ -1,10 +1,13 @@
 """One training epoch of LeNet-300-100 on MNIST-size data: our Trainer vs a plain PyTorch loop.
 
 Both sides train the same model (same seed, same SGD settings, same batch size) on the same 54,000
-in-memory Fashion-MNIST images (60k minus the 10 % validation split), side by side in one process,
-alternating, median of several runs. Validation is off on both sides: this times the training epoch.
+in-memory Fashion-MNIST images (60k minus the 10 % validation split), side by side in one process.
+Each round runs every side once, in an order rotated from round to round; a side's ratio is the median
+over rounds of (its time / the plain loop's time in the same round), which cancels the drift of a shared
+machine's speed better than a ratio of medians taken across rounds.
+Validation is off on both sides: this times the training epoch.
 
-    python benchmarks/bench_train_epoch.py --data-dir ../shared/data/fashion-mnist --runs 5
+    python benchmarks/bench_train_epoch.py --data-dir ../shared/data/fashion-mnist --runs 9 --threads 1
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/fashion-mnist", help="folder with the idx files")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size on both sides")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per side (median reported)")
+    parser.add_argument("--runs", type=int, default=5, help="rounds; every side runs once per round")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for all sides (0: torch's default)")
     parser.add_argument("--tmp", default=str(Path(tempfile.gettempdir()) / "dc_bench_runs"),
                         help="scratch run folder")
     args = parser.parse_args()
@@ -98,25 +102,32 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import logging
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     dm = FashionMNIST(args.data_dir, batch_size=args.batch_size)
     dm.setup("fit")
     images, labels = dm.train_set
-    times: dict[str, list[float]] = {"plain loop": [], "bare Lightning": [], "ours (no bar)": [],
-                                     "ours (tqdm bar)": []}
-    for _ in range(args.runs):  # alternate so machine noise hits all sides alike
-        times["plain loop"].append(plain(images, labels, args.batch_size))
-        times["bare Lightning"].append(bare_lightning(args.data_dir, args.batch_size))
-        times["ours (no bar)"].append(ours(args.data_dir, args.batch_size, "none", Path(args.tmp)))
-        times["ours (tqdm bar)"].append(ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)))
+    sides = {
+        "plain loop": lambda: plain(images, labels, args.batch_size),
+        "bare Lightning": lambda: bare_lightning(args.data_dir, args.batch_size),
+        "ours (no bar)": lambda: ours(args.data_dir, args.batch_size, "none", Path(args.tmp)),
+        "ours (tqdm bar)": lambda: ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)),
+    }
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.runs):  # rotate the order so that no side always runs first or last
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(sides[name]())
     print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"lightning {pl.__version__}")
-    print(f"LeNet-300-100, {len(labels):,} images, batch {args.batch_size}, {args.runs} runs (median)")
-    base = statistics.median(times["plain loop"])
-    print(f"{'side':<18}{'median s':>10}{'ratio':>8}   all runs (s)")
-    for side, values in times.items():
-        med = statistics.median(values)
-        print(f"{side:<18}{med:>10.3f}{med / base:>8.2f}   {' '.join(f'{v:.3f}' for v in values)}")
+    print(f"LeNet-300-100, {len(labels):,} images, batch {args.batch_size}, {args.runs} rounds")
+    print(f"{'side':<18}{'median s':>10}{'ratio':>8}   per-round ratios (time / plain loop's time in that round)")
+    for name in names:
+        ratios = [t / p for t, p in zip(times[name], times["plain loop"])]
+        print(f"{name:<18}{statistics.median(times[name]):>10.3f}{statistics.median(ratios):>8.2f}   "
+              f"{' '.join(f'{r:.2f}' for r in ratios)}")
+    print("plain loop times (s): " + " ".join(f"{t:.3f}" for t in times["plain loop"]))
 
 
 if __name__ == "__main__":
