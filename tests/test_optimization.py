@@ -80,3 +80,45 @@ def test_null_profiler_is_a_reusable_no_op_context() -> None:
     for _ in range(2):
         with profiler.profile("[Callback]x.on_train_batch_end") as value:
             assert value is None
+
+
+def test_gradient_clipping_under_bf16_mixed_precision(tmp_path: Path, idx_dir: Path) -> None:
+    # Same single step under CPU autocast: clipping still bounds the update (weights stay float32).
+    sgd = {"type": "SGD", "args": {"lr": 1.0}}
+    one_step = {"max_epochs": 1, "limit_train_batches": 1, "precision": "bf16-mixed"}
+    start = run(tmp_path, idx_dir, "start", "--lr", "0", optimizer=sgd, trainer=one_step)["state_dict"]
+    clipped = run(tmp_path, idx_dir, "clipped", optimizer=sgd,
+                  trainer={**one_step, "gradient_clip_val": 1e-3})["state_dict"]
+    assert update_norm(start, clipped) == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_plateau_scheduler_without_validation_is_a_config_error(tmp_path: Path, idx_dir: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(idx_dir, tmp_path / "runs", limit_val_batches=0)
+    cfg["lr_scheduler"] = {"type": "ReduceLROnPlateau", "args": {}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path)]) == 2
+    assert "ReduceLROnPlateau steps on val/loss, but trainer.limit_val_batches is 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before any run folder was made
+
+
+def test_checkpoint_from_automatic_optimization_resumes_with_its_step_count(tmp_path: Path, idx_dir: Path) -> None:
+    # Checkpoints written before LitClassifier switched to manual optimization kept the step count in
+    # the automatic loop's progress; rewrite a fresh last.ckpt into that form and resume from it.
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=1)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path)]) == 0
+    (run_dir,) = sorted((tmp_path / "runs" / "tiny").iterdir())
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    loops = ckpt["loops"]["fit_loop"]
+    steps = loops["epoch_loop.manual_optimization.optim_step_progress"]
+    assert steps["total"]["completed"] == 8  # 256 training images / batch 32
+    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = steps
+    loops["epoch_loop.manual_optimization.optim_step_progress"] = {
+        "total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
+    torch.save(ckpt, run_dir / "last.ckpt")
+    assert train.main(["-r", str(run_dir / "last.ckpt"), "--set", "trainer.max_epochs=2"]) == 0
+    resumed = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 16  # continued from 8, not from 0

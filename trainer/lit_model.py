@@ -6,6 +6,7 @@ percent (``val/top1_err`` = 1.64 means 1.64 % misclassified) to compare directly
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +80,7 @@ class LitClassifier(pl.LightningModule):
         loss, _, _ = self.model_step(batch)
         optimizer.zero_grad()
         self.manual_backward(loss)  # then on_after_backward: masked gradients, codebook gradients
-        optimizer.step()  # after on_before_optimizer_step: gradient clipping
+        optimizer.step()  # calls on_before_optimizer_step (gradient clipping) first, then updates
         self.compression.apply_(self.model)  # exact zeros and codebook values after every update
         if log_now:
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
@@ -157,13 +158,16 @@ class LitClassifier(pl.LightningModule):
         if scheduler is None:
             return
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if "val/loss" in self.trainer.callback_metrics:
-                scheduler.step(self.trainer.callback_metrics["val/loss"])
+            if "val/loss" not in self.trainer.callback_metrics:  # parse_config rejects limit_val_batches 0
+                raise RuntimeError("lr_scheduler ReduceLROnPlateau steps on val/loss, but no validation ran "
+                                   f"in epoch {self.current_epoch}")
+            scheduler.step(self.trainer.callback_metrics["val/loss"])
         else:
             scheduler.step()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.compression.load_entries(self.model, checkpoint)  # before the state dict is restored
+        _carry_step_count_to_manual(checkpoint)
 
     def configure_optimizers(self) -> Any:
         spec = self.config["optimizer"]
@@ -183,3 +187,14 @@ class LitClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config  # plain JSON types: loadable with weights_only=True
         checkpoint.update(self.compression.checkpoint_entries())
+
+
+def _carry_step_count_to_manual(checkpoint: dict[str, Any]) -> None:
+    """Lets a checkpoint written under automatic optimization (before this class switched to manual
+    optimization) resume with its step count: global_step is read from the manual loop's counter, which
+    such a checkpoint saved as zeros. Runs before Lightning restores the loops from the same dict."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic and manual and manual["total"]["completed"] == 0 and automatic["total"]["completed"] > 0:
+        loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)
