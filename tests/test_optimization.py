@@ -82,6 +82,7 @@ def test_null_profiler_is_a_reusable_no_op_context() -> None:
             assert value is None
 
 
+@pytest.mark.filterwarnings("ignore:Precision bf16-mixed is not supported by the model summary")
 def test_gradient_clipping_under_bf16_mixed_precision(tmp_path: Path, idx_dir: Path) -> None:
     # Same single step under CPU autocast: clipping still bounds the update (weights stay float32).
     sgd = {"type": "SGD", "args": {"lr": 1.0}}
