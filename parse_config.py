@@ -248,8 +248,8 @@ def _check_specs(cfg: Config) -> None:
     if cfg.lr_scheduler is not None:
         instantiate(cfg.lr_scheduler, "lr_scheduler", optimizer=optimizer)
         if cfg.lr_scheduler.type == "ReduceLROnPlateau" and cfg.trainer.limit_val_batches == 0:
-            raise ConfigError("lr_scheduler.type: ReduceLROnPlateau steps on val/loss, but "
-                              "trainer.limit_val_batches is 0 (no validation); allow validation or pick another scheduler")
+            raise ConfigError("lr_scheduler.type: ReduceLROnPlateau steps on val/loss, but trainer.limit_val_batches "
+                              "is 0 (no validation); allow validation or pick another scheduler")
     instantiate(cfg.data_loader, "data_loader")  # data modules only store their arguments
 
 

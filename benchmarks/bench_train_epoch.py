@@ -7,7 +7,7 @@ over rounds of (its time / the plain loop's time in the same round), which cance
 machine's speed better than a ratio of medians taken across rounds.
 Validation is off on both sides: this times the training epoch.
 
-    python benchmarks/bench_train_epoch.py --data-dir ../shared/data/fashion-mnist --runs 9 --threads 1
+    python benchmarks/bench_train_epoch.py --data-dir ../shared/data/fashion-mnist --runs 11 --batch-size 128
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data/fashion-mnist", help="folder with the idx files")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size on both sides")
     parser.add_argument("--runs", type=int, default=5, help="rounds; every side runs once per round")
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for all sides (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads for all sides (0: torch's default)")
     parser.add_argument("--tmp", default=str(Path(tempfile.gettempdir()) / "dc_bench_runs"),
                         help="scratch run folder")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""The optimizer step LitClassifier writes out itself: schedulers, gradient clipping, step counts; trainer/lean.py."""
+"""The optimizer step LitClassifier writes out itself (schedulers, clipping, step counts, logging); trainer/lean.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from conftest import load_script, tiny_config
+from parse_config import parse_config
 from trainer.lean import ModelCheckpoint, NullProfiler
+from trainer.trainer import build_trainer
 
 train = load_script("train")
 
@@ -48,6 +50,13 @@ def test_reduce_on_plateau_reads_val_loss(tmp_path: Path, idx_dir: Path) -> None
                "args": {"mode": "max", "patience": 0, "factor": 0.5, "threshold": 10.0}}
     ckpt = run(tmp_path, idx_dir, "plateau", lr_scheduler=plateau, trainer={"max_epochs": 3})
     assert lr(ckpt) == pytest.approx(0.05 * 0.5 ** 2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = sorted((tmp_path / "plateau" / "tiny").iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    # The scheduler's best is epoch 0's val/loss: it was given val/loss, not some other metric.
+    assert ckpt["lr_schedulers"][0]["best"] == pytest.approx(events.Scalars("val/loss")[0].value)
 
 
 def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
@@ -75,11 +84,25 @@ def test_cached_state_key_is_lightnings_and_follows_monitor_changes() -> None:
     assert ours.state_key == theirs.state_key and "val/loss" in ours.state_key
 
 
-def test_null_profiler_is_a_reusable_no_op_context() -> None:
-    profiler = NullProfiler()
-    for _ in range(2):
-        with profiler.profile("[Callback]x.on_train_batch_end") as value:
-            assert value is None
+def test_train_py_trainers_use_the_lean_profiler_and_checkpoints(idx_dir: Path, tmp_path: Path) -> None:
+    cfg = parse_config(tiny_config(idx_dir, tmp_path / "runs"))
+    trainer = build_trainer(cfg, tmp_path)
+    assert isinstance(trainer.profiler, NullProfiler)
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, LightningModelCheckpoint)]
+    assert len(checkpoints) == 2 and all(type(c) is ModelCheckpoint for c in checkpoints)
+    with trainer.profiler.profile("[Callback]x.on_train_batch_end"), trainer.profiler.profile("nested"):
+        pass  # one shared null context: reusable and nestable
+
+
+def test_train_loss_is_logged_on_the_loggers_steps(tmp_path: Path, idx_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, idx_dir, "every3", trainer={"log_every_n_steps": 3})
+    (run_dir,) = sorted((tmp_path / "every3" / "tiny").iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    # 16 steps, logged when (step + 1) % 3 == 0: the value of the step it is written under.
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 5, 8, 11, 14]
 
 
 @pytest.mark.filterwarnings("ignore:Precision bf16-mixed is not supported by the model summary")
@@ -91,6 +114,7 @@ def test_gradient_clipping_under_bf16_mixed_precision(tmp_path: Path, idx_dir: P
     clipped = run(tmp_path, idx_dir, "clipped", optimizer=sgd,
                   trainer={**one_step, "gradient_clip_val": 1e-3})["state_dict"]
     assert update_norm(start, clipped) == pytest.approx(1e-3, rel=1e-2)
+    assert all(t.dtype == torch.float32 for t in clipped.values() if t.is_floating_point())
 
 
 def test_plateau_scheduler_without_validation_is_a_config_error(tmp_path: Path, idx_dir: Path,

@@ -74,7 +74,8 @@ class LitClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # self.log costs ~1 ms per call on CPU, as much as a LeNet step: call it only on the steps the
-        # loggers record anyway (Lightning writes when (global_step + 1) % log_every_n_steps == 0).
+        # loggers record anyway (Lightning writes when (global_step + 1) % log_every_n_steps == 0), deciding
+        # before optimizer.step(), which increments global_step.
         log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         optimizer = self.optimizers()
         loss, _, _ = self.model_step(batch)
@@ -167,7 +168,7 @@ class LitClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.compression.load_entries(self.model, checkpoint)  # before the state dict is restored
-        _carry_step_count_to_manual(checkpoint)
+        _carry_step_count_to_manual_(checkpoint)
 
     def configure_optimizers(self) -> Any:
         spec = self.config["optimizer"]
@@ -189,7 +190,7 @@ class LitClassifier(pl.LightningModule):
         checkpoint.update(self.compression.checkpoint_entries())
 
 
-def _carry_step_count_to_manual(checkpoint: dict[str, Any]) -> None:
+def _carry_step_count_to_manual_(checkpoint: dict[str, Any]) -> None:
     """Lets a checkpoint written under automatic optimization (before this class switched to manual
     optimization) resume with its step count: global_step is read from the manual loop's counter, which
     such a checkpoint saved as zeros. Runs before Lightning restores the loops from the same dict."""

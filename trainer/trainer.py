@@ -125,8 +125,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
     tc = cfg.trainer
     kwargs: dict[str, Any] = dict(
         max_epochs=tc.max_epochs, min_epochs=tc.min_epochs, accelerator=tc.accelerator, devices=tc.devices,
-        strategy=tc.strategy, precision=tc.precision,  # gradient clipping: LitClassifier
-        log_every_n_steps=tc.log_every_n_steps, deterministic=tc.deterministic,
+        strategy=tc.strategy, precision=tc.precision, log_every_n_steps=tc.log_every_n_steps,
+        deterministic=tc.deterministic,  # no gradient_clip_val: LitClassifier clips (manual optimization)
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
         enable_progress_bar=tc.progress_bar != "none",
         profiler=NullProfiler(),  # Lightning's default minus its per-hook cost (trainer/lean.py)

@@ -1,6 +1,7 @@
 """Callback registry: the names a config's ``trainer.callbacks`` may use.
 
-Lightning's own callbacks (``ModelCheckpoint`` from ``trainer/lean.py``: same class, cheaper per step) plus the compression callbacks (``IterativePruning``, ``Quantization``).
+Lightning's own callbacks (``ModelCheckpoint`` is trainer/lean.py's subclass of it: same behaviour, cheaper
+per step) plus the compression callbacks (``IterativePruning``, ``Quantization``).
 """
 
 from __future__ import annotations
