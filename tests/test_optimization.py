@@ -30,6 +30,16 @@ def run(tmp_path: Path, idx_dir: Path, name: str, *args: str, **changes: Any) ->
     return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+def scalars(save_dir: Path, tag: str) -> list[Any]:
+    """The TensorBoard events of ``tag`` written by the only run under ``save_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = sorted((save_dir / "tiny").iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events.Scalars(tag)
+
+
 def lr(ckpt: dict[str, Any]) -> float:
     return ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
 
@@ -50,13 +60,8 @@ def test_reduce_on_plateau_reads_val_loss(tmp_path: Path, idx_dir: Path) -> None
                "args": {"mode": "max", "patience": 0, "factor": 0.5, "threshold": 10.0}}
     ckpt = run(tmp_path, idx_dir, "plateau", lr_scheduler=plateau, trainer={"max_epochs": 3})
     assert lr(ckpt) == pytest.approx(0.05 * 0.5 ** 2)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run_dir,) = sorted((tmp_path / "plateau" / "tiny").iterdir())
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
     # The scheduler's best is epoch 0's val/loss: it was given val/loss, not some other metric.
-    assert ckpt["lr_schedulers"][0]["best"] == pytest.approx(events.Scalars("val/loss")[0].value)
+    assert ckpt["lr_schedulers"][0]["best"] == pytest.approx(scalars(tmp_path / "plateau", "val/loss")[0].value)
 
 
 def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
@@ -95,14 +100,9 @@ def test_train_py_trainers_use_the_lean_profiler_and_checkpoints(idx_dir: Path, 
 
 
 def test_train_loss_is_logged_on_the_loggers_steps(tmp_path: Path, idx_dir: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run(tmp_path, idx_dir, "every3", trainer={"log_every_n_steps": 3})
-    (run_dir,) = sorted((tmp_path / "every3" / "tiny").iterdir())
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
     # 16 steps, logged when (step + 1) % 3 == 0: the value of the step it is written under.
-    assert [e.step for e in events.Scalars("train/loss")] == [2, 5, 8, 11, 14]
+    assert [e.step for e in scalars(tmp_path / "every3", "train/loss")] == [2, 5, 8, 11, 14]
 
 
 @pytest.mark.filterwarnings("ignore:Precision bf16-mixed is not supported by the model summary")
