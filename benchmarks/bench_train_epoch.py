@@ -5,7 +5,9 @@ in-memory Fashion-MNIST images (60k minus the 10 % validation split), side by si
 Each round runs every side once, in an order rotated from round to round; a side's ratio is the median
 over rounds of (its time / the plain loop's time in the same round), which cancels the drift of a shared
 machine's speed better than a ratio of medians taken across rounds.
-Validation is off on both sides: this times the training epoch.
+Validation is off on all sides: this times the training epoch. Besides ours and the plain loop, two
+reference sides show where the time goes: "Lightning floor" (Lightning's loop around a raw torch step,
+nothing else) and "bare Lightning" (our module in a default Trainer without logger or callbacks).
 
     python benchmarks/bench_train_epoch.py --data-dir ../shared/data/fashion-mnist --runs 11 --batch-size 128
 """
@@ -29,6 +31,7 @@ from data import FashionMNIST  # noqa: E402
 from models import LeNet300  # noqa: E402
 from parse_config import parse_config  # noqa: E402
 from trainer.lit_model import LitClassifier  # noqa: E402
+from trainer.lean import NullProfiler  # noqa: E402
 from trainer.trainer import build_trainer  # noqa: E402
 
 
@@ -74,6 +77,33 @@ def bare_lightning(data_dir: str, batch_size: int) -> float:
     return timer.seconds
 
 
+class _RawStep(LitClassifier):
+    """Our module with the optimizer step written against torch directly (no LightningOptimizer, no
+    manual_backward): only for the floor below, since it skips precision plugins and the step counter."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        loss, _, _ = self.model_step(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+
+def lightning_floor(data_dir: str, batch_size: int) -> float:
+    """Lightning's training loop with as little as it allows around the step: no logger, checkpoint,
+    callback or profiler cost, and a raw torch optimizer step. What no Trainer-based run can go below."""
+    cfg = parse_config(config(data_dir, batch_size, "none"))
+    torch.manual_seed(0)
+    lit = _RawStep(LeNet300(), cfg.model_dump())
+    timer = EpochTimer()
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[timer], accelerator="cpu", devices=1, profiler=NullProfiler())
+    trainer.fit(lit, datamodule=FashionMNIST(data_dir, batch_size=batch_size))
+    return timer.seconds
+
+
 def plain(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     torch.manual_seed(0)
     model = LeNet300()
@@ -113,6 +143,7 @@ def main() -> None:
     images, labels = dm.train_set
     sides = {
         "plain loop": lambda: plain(images, labels, args.batch_size),
+        "Lightning floor": lambda: lightning_floor(args.data_dir, args.batch_size),
         "bare Lightning": lambda: bare_lightning(args.data_dir, args.batch_size),
         "ours (no bar)": lambda: ours(args.data_dir, args.batch_size, "none", Path(args.tmp)),
         "ours (tqdm bar)": lambda: ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)),
