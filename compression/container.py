@@ -171,8 +171,8 @@ def _read_header(r: _Reader) -> dict:
                              f"computed {zlib.crc32(raw):#010x})")
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ContainerError(f"{r.path}: invalid header JSON: {err}") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # the last: absurdly deep nesting
+        raise ContainerError(f"{r.path}: invalid header JSON: {type(err).__name__}: {err}") from err
     if not isinstance(header, dict):
         raise ContainerError(f"{r.path}: header must be a JSON object, got {type(header).__name__}")
     return header

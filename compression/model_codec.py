@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from compression import huffman
+from compression.quantization import dequantize
 from compression.sparse_index import encode_positions
 
 RAW_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "float16": np.dtype("<f2"),
@@ -96,7 +97,18 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
         return _raw_entry(name, tensor)
     if tensor.dtype != torch.float32:
         raise ValueError(f"{name}: only float32 tensors can be stored sparse, got {tensor.dtype}")
-    flat_mask = mask.detach().cpu().flatten().numpy().astype(bool)
+    mask = mask.detach().cpu().to(torch.bool)
+    tensor = tensor.detach().cpu()
+    if codebook is not None and index is not None and len(index) == 0:
+        codebook = None  # every weight pruned: nothing to look up, the sparse form is exact (and decodable)
+    if codebook is None:
+        expected = tensor.masked_fill(~mask, 0.0)
+    else:
+        expected = dequantize(codebook.detach().cpu(), index.cpu(), mask)
+    if not torch.equal(tensor, expected):
+        what = "non-zero pruned weights" if codebook is None else "weights that are not codebook[index] on the mask"
+        raise ValueError(f"{name}: the tensor has {what}; re-apply the compression state before encoding")
+    flat_mask = mask.flatten().numpy()
     rel, filler = encode_positions(np.flatnonzero(flat_mask), index_bits)
     pos_data, pos_bits, pos_entropy, pos_over = _stream(rel, 1 << index_bits)
     entry: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "dtype": "float32", "index_bits": index_bits,
@@ -120,7 +132,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
         sections = [(f"{name}:codebook", book), (f"{name}:index", idx_data), (f"{name}:position", pos_data)]
         entry.update(encoding="quantized", clusters=k)
         stats.encoding, stats.clusters, stats.codebook_bits = "quantized", k, 32 * k
-        stats.weight_bits = float(max(1, math.ceil(math.log2(k)))) if k > 1 else 1.0
+        # Fixed-width bits per entry (P+Q): the k centroids, plus the filler symbol when there are fillers.
+        stats.weight_bits = float(max(1, math.ceil(math.log2(k + (stats.fillers > 0)))))
         stats.weight_bits_huffman, stats.weight_entropy = idx_bits, idx_entropy
         stats.stream_overhead_bytes += idx_over
     stats.bytes = sum(len(data) for _, data in sections)
@@ -164,18 +177,29 @@ def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Te
         entry_values = np.frombuffer(values, "<f4")
     else:
         book = section("codebook")
-        k = int(entry.get("clusters", -1))
+        k = _int_field(entry, "clusters")
         if len(book) != 4 * k or k < 1:
             raise ValueError(f"{name}: codebook has {len(book)} bytes for {k} clusters")
-        symbols = huffman.decode(huffman.HuffmanStream.from_bytes(section("index")))
-        if len(symbols) != len(positions) or (len(symbols) and symbols.max() > k):
-            raise ValueError(f"{name}: index stream has {len(symbols)} symbols for {len(positions)} entries")
+        stream = huffman.HuffmanStream.from_bytes(section("index"))
+        if stream.n_symbols != len(positions) or len(stream.lengths) != k + 1:  # before decoding allocates
+            raise ValueError(f"{name}: index stream has {stream.n_symbols} symbols over {len(stream.lengths)} "
+                             f"values for {len(positions)} entries and {k} clusters (+ filler)")
+        symbols = huffman.decode(stream)
+        if len(symbols) and symbols.max() > k:
+            raise ValueError(f"{name}: index stream holds symbol {symbols.max()} beyond {k} clusters (+ filler)")
         entry_values = np.append(np.frombuffer(book, "<f4"), np.float32(0.0))[symbols]  # symbol k: filler 0
     out = np.zeros(numel, np.float32)
     out[positions] = entry_values
-    if int(np.count_nonzero(entry_values)) > int(entry.get("kept", -1)):
+    if int(np.count_nonzero(entry_values)) > _int_field(entry, "kept"):
         raise ValueError(f"{name}: more non-zero entries than the {entry.get('kept')} kept weights declared")
     return torch.from_numpy(out).reshape(entry["shape"])
+
+
+def _int_field(entry: dict[str, Any], key: str) -> int:
+    value = entry.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{entry.get('name')}: header field {key!r} must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _positions(entry: dict[str, Any], data: bytes, numel: int) -> np.ndarray:

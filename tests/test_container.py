@@ -118,6 +118,7 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     (b"\xff\xfe", "invalid header JSON"),
     (b'{"x": NaN}', "invalid header JSON.*NaN"),
     (b"[1, 2]", "must be a JSON object, got list"),
+    (b"[" * 100_000 + b"]" * 100_000, "invalid header JSON: RecursionError"),  # nesting deeper than Python's stack
 ])
 def test_invalid_header_json(tmp_path: Path, header: bytes, match: str) -> None:
     with pytest.raises(ContainerError, match=match):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,7 +64,7 @@ def test_model_without_compressed_layers_round_trips(tmp_path: Path) -> None:
     assert report["file"]["rate"] == pytest.approx(1.0, abs=0.01)
 
 
-@pytest.mark.parametrize("case", ["sparse", "quantized_dense", "edges", "empty"])
+@pytest.mark.parametrize("case", ["sparse", "quantized_dense", "edges", "empty", "empty_quantized"])
 def test_tensor_codec_cases(case: str) -> None:
     torch.manual_seed(1)
     w = torch.randn(40, 50)
@@ -74,12 +75,63 @@ def test_tensor_codec_cases(case: str) -> None:
     if case == "edges":  # first and last element kept, a gap of ~2000 with 3-bit indices
         mask = torch.zeros(40, 50, dtype=torch.bool)
         mask.view(-1)[[0, 1999]] = True
-    if case == "empty":
+    if case.startswith("empty"):
         mask = torch.zeros(40, 50, dtype=torch.bool)
-    w = w * mask if codebook is None else torch.zeros(40, 50).masked_scatter(mask, codebook[index])
+    if case == "empty_quantized":  # a quantized layer pruned away entirely: no index to store
+        codebook, index = torch.tensor([0.5, 1.0]), torch.zeros(0, dtype=torch.int64)
+    w = w.masked_fill(~mask, 0.0) if codebook is None else torch.zeros(40, 50).masked_scatter(mask, codebook[index])
     entry, sections, stats = encode_tensor("w", w, mask, codebook, index, index_bits=3)
-    assert torch.equal(decode_tensor(entry, dict(sections)), w)
+    decoded = decode_tensor(entry, dict(sections))
+    assert torch.equal(decoded.view(torch.int32), w.view(torch.int32))  # the bits, so that -0.0 != +0.0
     assert stats.kept == int(mask.sum())
+
+
+def test_weight_bits_pq_count_the_filler_symbol() -> None:
+    # 4 used centroids take 2 bits; with fillers (gaps > 2**2 - 1 at 2-bit positions) the fixed-width
+    # code needs a 5th symbol, so 3 bits: the P+Q column must describe a decodable encoding.
+    codebook, mask = torch.tensor([-1.0, -0.5, 0.5, 1.0]), torch.zeros(100, dtype=torch.bool)
+    for positions, bits in (([0, 1, 2, 3], 2.0), ([0, 1, 2, 90], 3.0)):
+        mask[:] = False
+        mask[positions] = True
+        index = torch.arange(4)
+        w = torch.zeros(100).masked_scatter(mask, codebook[index])
+        stats = encode_tensor("w", w, mask, codebook, index, index_bits=2)[2]
+        assert (stats.fillers > 0, stats.weight_bits) == (bits == 3.0, bits)
+
+
+def test_encoder_refuses_weights_that_disagree_with_mask_or_codebook() -> None:
+    mask, codebook, index = torch.tensor([True, False, True]), torch.tensor([0.25, 0.5]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="w: the tensor has non-zero pruned weights"):
+        encode_tensor("w", torch.tensor([0.25, 1.0, 0.5]), mask)
+    with pytest.raises(ValueError, match="w: the tensor has weights that are not codebook\\[index\\] on the mask"):
+        encode_tensor("w", torch.tensor([0.25, 0.0, 0.75]), mask, codebook, index)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("clusters", None, "header field 'clusters' must be a non-negative integer, got None"),
+    ("clusters", [3], "header field 'clusters' must be a non-negative integer, got \\[3\\]"),
+    ("kept", "7", "header field 'kept' must be a non-negative integer, got '7'"),
+])
+def test_decoder_checks_header_fields_before_use(field: str, value: Any, match: str) -> None:
+    mask, codebook = torch.tensor([True, True, False, True, True]), torch.tensor([-1.0, 0.5, 2.0])
+    index = torch.tensor([0, 1, 2, 1])
+    w = torch.zeros(5).masked_scatter(mask, codebook[index])
+    entry, sections, _ = encode_tensor("w", w, mask, codebook, index, index_bits=3)
+    with pytest.raises(ValueError, match=match):
+        decode_tensor({**entry, field: value}, dict(sections))
+
+
+def test_index_stream_is_checked_before_it_is_decoded() -> None:
+    from compression import huffman
+
+    mask, codebook = torch.tensor([True, True, False, True]), torch.tensor([-1.0, 0.5, 2.0])
+    index = torch.tensor([0, 1, 2])
+    entry, sections, _ = encode_tensor("w", torch.tensor([-1.0, 0.5, 0.0, 2.0]), mask, codebook, index, index_bits=3)
+    for symbols, alphabet in (([0, 1, 2, 1, 0], 4), ([0, 1, 2], 9)):  # too many symbols; an alphabet beyond k + 1
+        bad = {**dict(sections), "w:index": huffman.encode(np.array(symbols), alphabet).to_bytes()}
+        with pytest.raises(ValueError, match=f"w: index stream has {len(symbols)} symbols over {alphabet} values "
+                                             "for 3 entries and 3 clusters"):
+            decode_tensor(entry, bad)
 
 
 def run_pipeline(tmp_path: Path, idx_dir: Path) -> Path:
