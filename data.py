@@ -196,7 +196,9 @@ class _MNISTFamily(_BaseDataModule):
         images, labels = batch  # (N, 28, 28) uint8, on the device already
         # (x / 255 - mean) / std as one multiply-add: one pass over the float batch fewer.
         scale, shift = 1.0 / (255 * self.std[0]), -self.mean[0] / self.std[0]
-        return images.unsqueeze(1).float().mul_(scale).add_(shift), labels
+        x = images.unsqueeze(1).float().mul_(scale).add_(shift)
+        # Lightning casts float inputs for the precision (e.g. 64-true) before this hook, when they were uint8.
+        return (x if self.trainer is None else self.trainer.precision_plugin.convert_input(x)), labels
 
 
 class MNIST(_MNISTFamily):

@@ -213,10 +213,18 @@ def check_args(target: Any, args: dict[str, Any], path: str, supplied: tuple[str
         except Exception:  # annotation pydantic cannot express
             continue
         try:
-            adapter.validate_python(value)
+            # JSON has no tuples: a list stands for one (e.g. Adam's betas: [0.9, 0.999]).
+            adapter.validate_python(tuple(value) if isinstance(value, list) and _wants_tuple(hints[name]) else value)
         except ValidationError:
             expected = getattr(hints[name], "__name__", str(hints[name]))
             raise ConfigError(f"{path}.{name}: expected {expected}, got {value!r}") from None
+
+
+def _wants_tuple(hint: Any) -> bool:
+    """Whether a type hint is, or is a union holding, a tuple type."""
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return True
+    return any(_wants_tuple(arg) for arg in typing.get_args(hint))
 
 
 def instantiate(spec: _Spec, path: str, **supplied: Any) -> Any:

@@ -18,7 +18,6 @@ from data import DataNotFoundError
 from dcz import encode_checkpoint
 from logger import get_logger, setup_logging
 from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
-from trainer.callbacks import Quantization
 from trainer.trainer import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
 from utils import CheckpointError, count_parameters, load_checkpoint
 
@@ -55,8 +54,9 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.resume, overrides)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    # Everything that can reject the config happens before the run folder exists. A resumed run takes
-    # every weight from its checkpoint, so `pretrained` is not loaded again.
+    # Everything that can reject the config happens before the run folder exists (the Trainer, which needs
+    # the folder's path, removes it again if it refuses). A resumed run takes every weight from its
+    # checkpoint, so `pretrained` is not loaded again.
     datamodule = build_datamodule(cfg)
     if not os.environ.get("DC_RUN_DIR"):  # the launching process (DDP workers find the data in place)
         datamodule.prepare_data()  # download if asked: missing data fails here, not inside the fit
@@ -64,21 +64,21 @@ def train(args: argparse.Namespace) -> int:
     lit_model = build_lit_model(cfg, load_pretrained=not args.resume)
     if args.resume:  # codebooks must exist before the optimizer is rebuilt and its state restored
         lit_model.load_compression(load_checkpoint(args.resume))
-    callbacks = build_config_callbacks(cfg, lit_model.model)
+    # (a resumed run's quantized layers are past all its pruning steps: _check_order saw to that)
+    quantized = {} if args.resume else lit_model.compression.index
+    callbacks = build_config_callbacks(cfg, lit_model.model, quantized=quantized)
+    run_dir = Path(args.resume).parent if args.resume else make_run_dir(cfg)
+    try:  # the Trainer checks accelerator, devices, strategy and precision
+        trainer = build_trainer(cfg, run_dir, callbacks=callbacks)
+    except ConfigError:
+        if not args.resume and not os.environ.get("DC_RUN_DIR"):  # the folder made above holds only config.json
+            (run_dir / "config.json").unlink()
+            run_dir.rmdir()
+        raise
     if args.resume:
-        run_dir = Path(args.resume).parent
         write_config(cfg, run_dir / "config.json")  # the run now continues under this config
-    else:
-        run_dir = make_run_dir(cfg)
     setup_logging(run_dir)
     log = get_logger("train")
-    overrides = {}
-    quantizing = any(isinstance(c, Quantization) for c in callbacks) or len(lit_model.compression.codebooks)
-    if cfg.trainer.strategy == "ddp" and quantizing:
-        # Codebooks take no part in autograd (their gradients are summed from the weights' after backward),
-        # so DDP must be told that some parameters get no gradient from the loss.
-        overrides["strategy"] = "ddp_find_unused_parameters_true"
-    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, **overrides)
     total, nonzero = count_parameters(lit_model.model)
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
              f"{cfg.data_loader.type}; run folder {run_dir}")

@@ -15,7 +15,8 @@ from conftest import ROOT, tiny_config
 
 @pytest.mark.slow
 def test_prune_and_quantize_under_ddp_with_two_processes(tmp_path: Path, idx_dir: Path) -> None:
-    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=2, devices=2, strategy="ddp")
+    # strategy "auto" with 2 devices: Lightning picks DDP itself (the codebooks must work under any DDP name)
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=2, devices=2, strategy="auto")
     cfg["trainer"]["callbacks"] = {"IterativePruning": {"keep_ratio": 0.1}, "Quantization": {"bits": 4, "epoch": 1}}
     (tmp_path / "ddp.json").write_text(json.dumps(cfg))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", str(tmp_path / "ddp.json")],

@@ -80,31 +80,42 @@ class CompressionState(nn.Module):
         self.apply_(model)
 
     # ------------------------------------------------------------------------------- enforcing
+    def _on_device_(self, name: str, device: torch.device) -> torch.Tensor:
+        """The mask of ``name`` (and its index) moved to ``device`` once: they are plain tensors, not buffers,
+        so they stay where a checkpoint put them (the CPU) until the weights are seen on the GPU."""
+        mask = self.masks[name]
+        if mask.device != device:
+            mask = self.masks[name] = mask.to(device)
+            if name in self.index:
+                self.index[name] = self.index[name].to(device)
+        return mask
+
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
         """Makes every parameter match its mask and codebook (called after every optimizer step)."""
         if not self.masks:
             return
         params = dict(model.named_parameters())
-        for name, mask in self.masks.items():
+        for name in self.masks:
             param = params[name]
-            if mask.device != param.device:
-                mask = self.masks[name] = mask.to(param.device)
+            mask = self._on_device_(name, param.device)
             if name in self.index:
-                index = self.index[name] = self.index[name].to(param.device)
-                param.copy_(dequantize(self.codebooks[_key(name)], index, mask))
+                param.copy_(dequantize(self.codebooks[_key(name)], self.index[name], mask))
             else:
-                param.mul_(mask)
+                # masked_fill_, not mul_: a pruned negative weight times 0 would be -0.0, and the decoded
+                # file (which writes +0.0) would then differ from the model in its bits.
+                param.masked_fill_(~mask, 0.0)
 
     def route_gradients_(self, model: nn.Module) -> None:
         """After backward: masks gradients; moves quantized weights' gradients onto their codebooks."""
         if not self.masks:
             return
         params = dict(model.named_parameters())
-        for name, mask in self.masks.items():
+        for name in self.masks:
             grad = params[name].grad
             if grad is None:
                 continue
+            mask = self._on_device_(name, grad.device)  # the first step after a resume on the GPU comes here
             if name in self.index:
                 codebook = self.codebooks[_key(name)]
                 g = centroid_grad(grad, self.index[name], mask, len(codebook))
@@ -128,15 +139,27 @@ class CompressionState(nn.Module):
                 "quant_index": {n: i.cpu() for n, i in self.index.items()}}
 
     def load_entries(self, model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-        """Restores masks, indices and codebook *shapes* from a checkpoint (values come with the state dict)."""
+        """Restores masks, indices and codebook *shapes* from a checkpoint (values come with the state dict).
+
+        Raises:
+            ValueError: an entry that does not fit ``model`` (unknown parameter, shape, index range).
+        """
         params = dict(model.named_parameters())
         for name, mask in checkpoint.get("masks", {}).items():
+            if name not in params or tuple(mask.shape) != tuple(params[name].shape):
+                shape = tuple(params[name].shape) if name in params else "no such parameter"
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the model's: {shape}")
             self.masks[name] = mask.to(params[name].device, torch.bool)
         sizes = {k: v.shape[0] for k, v in checkpoint.get("state_dict", {}).items()
                  if k.startswith("compression.codebooks.")}
         for name, index in checkpoint.get("quant_index", {}).items():
             key = f"compression.codebooks.{_key(name)}"
-            if key not in sizes or name not in params:
-                raise ValueError(f"checkpoint has quantization indices for {name} but no codebook {key}")
+            if key not in sizes or name not in self.masks:
+                raise ValueError(f"checkpoint has quantization indices for {name} but no codebook {key} or mask")
+            kept = int(self.masks[name].sum())
+            in_range = kept == 0 or 0 <= int(index.min()) <= int(index.max()) < sizes[key]
+            if index.ndim != 1 or len(index) != kept or not in_range:
+                raise ValueError(f"quantization index of {name} does not fit: {tuple(index.shape)} entries for "
+                                 f"{kept} kept weights and a codebook of {sizes[key]}")
             self.index[name] = index.to(params[name].device, torch.int64)
             self.add_codebook(name, sizes[key], params[name].device)

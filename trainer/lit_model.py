@@ -58,6 +58,14 @@ class LitClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # Read by DistributedDataParallel when it wraps this module. The codebooks get their gradients in
+        # on_after_backward, from weight gradients DDP has already averaged, so DDP must neither expect an
+        # autograd gradient for them (it would fail at the second step unless find_unused_parameters=True,
+        # whatever the strategy's name) nor average them again.
+        return [f"compression.codebooks.{key}" for key in self.compression.codebooks]
+
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets _current_fx_name (a plain string) around each of ~20 hook calls per step;
         # nn.Module.__setattr__ would check it against parameters/modules/buffers each time, ~2 us a call.

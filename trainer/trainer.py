@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,8 +64,12 @@ def load_trained_model(ckpt_path: str | Path, config_path: str | Path | None,
     return model, cfg, ckpt
 
 
-def build_config_callbacks(cfg: Config, model: nn.Module) -> list[Callback]:
+def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[str] = ()) -> list[Callback]:
     """The callbacks named in ``trainer.callbacks``, checked against the model before anything runs.
+
+    Args:
+        quantized: Parameters already quantized when the run starts at epoch 0 (a ``pretrained``
+            checkpoint's): their masks are fixed, so pruning may not select them.
 
     Raises:
         ConfigError: bad arguments, or (compression callbacks) layer names or epochs that do not fit.
@@ -73,10 +78,14 @@ def build_config_callbacks(cfg: Config, model: nn.Module) -> list[Callback]:
     for name, args in cfg.trainer.callbacks.items():
         try:
             callback = CALLBACKS[name](**args)
-            if hasattr(callback, "check"):
-                callback.check(model, cfg.trainer.max_epochs)
-        except (TypeError, ValueError) as err:
+            targets = callback.check(model, cfg.trainer.max_epochs) if hasattr(callback, "check") else {}
+        except (TypeError, ValueError, MisconfigurationException) as err:  # Lightning's own callbacks raise the last
             raise ConfigError(f"trainer.callbacks.{name}: {err}") from None
+        if isinstance(callback, IterativePruning) and (fixed := sorted(f"{t}.weight" for t in targets
+                                                                        if f"{t}.weight" in quantized)):
+            raise ConfigError(f"trainer.callbacks.IterativePruning: {', '.join(fixed)} are already quantized in "
+                              f"{cfg.pretrained}, so their masks are fixed; prune from an unquantized checkpoint "
+                              f"or select other layers with `layers`")
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks
@@ -142,5 +151,5 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
     callbacks += kwargs.pop("callbacks", [])
     try:
         return pl.Trainer(callbacks=callbacks, **kwargs)
-    except (ValueError, TypeError, MisconfigurationException) as err:  # e.g. an accelerator this machine lacks
+    except (ValueError, TypeError, ImportError, MisconfigurationException) as err:  # e.g. an accelerator missing here
         raise ConfigError(f"trainer: {err}") from None
