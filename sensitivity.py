@@ -33,7 +33,7 @@ from logger import get_logger, setup_logging
 from parse_config import METRICS, Config, ConfigError, add_override_args, overrides_from_args
 from trainer.callbacks.layers import prunable_layers, resolve
 from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_trainer, load_trained_model
+from trainer.trainer import build_datamodule, build_trainer, load_trained_model, one_device
 from utils import CheckpointError
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
@@ -130,9 +130,8 @@ def make_evaluator(cfg: Config, model: nn.Module, split: str,
     if split == "val" and len(datamodule.val_dataloader()) == 0:
         raise ConfigError("the validation split is empty (data_loader.args.validation_split is 0): use --split test")
     cfg.trainer.progress_bar = "none"  # the sweep has its own progress bar
-    devices = cfg.trainer.devices[:1] if isinstance(cfg.trainer.devices, list) else 1
     limit = {f"limit_{'val' if split == 'val' else 'test'}_batches": limit_batches}  # None: all batches
-    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, devices=devices, strategy="auto", **limit)
+    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, **one_device(cfg), **limit)
     run = trainer.validate if split == "val" else trainer.test
     # Each call would log "epoch 0: val/top1_err ..." and, on a GPU, the visible devices, through the bar.
     chatty = [get_logger("train"), logging.getLogger("lightning.pytorch.accelerators.cuda")]

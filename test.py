@@ -20,7 +20,7 @@ from logger import setup_logging
 from parse_config import (Config, ConfigError, add_override_args, apply_overrides, overrides_from_args, parse_config,
                           read_json)
 from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_trainer, load_trained_model
+from trainer.trainer import build_datamodule, build_trainer, load_trained_model, one_device
 from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileError)
@@ -69,7 +69,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         cfg.trainer.progress_bar = "none"  # stdout carries only the JSON object
     # Evaluate the whole split, whatever smoke-run limits the training config had.
-    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, limit_val_batches=1.0, limit_test_batches=1.0)
+    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, limit_val_batches=1.0,
+                            limit_test_batches=1.0, **one_device(cfg))
     # The "test" stage logs test/*; validating a checkpoint reuses the val loop and its val/* keys.
     run = trainer.test if args.split == "test" else trainer.validate
     metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]

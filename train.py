@@ -75,7 +75,7 @@ def train(args: argparse.Namespace) -> int:
             (run_dir / "config.json").unlink()
             run_dir.rmdir()
         raise
-    if args.resume:
+    if args.resume and not os.environ.get("DC_RUN_DIR"):  # once, not by every DDP worker
         write_config(cfg, run_dir / "config.json")  # the run now continues under this config
     setup_logging(run_dir)
     log = get_logger("train")

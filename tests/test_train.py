@@ -43,6 +43,10 @@ def test_train_then_test_json(config_file: Path, capsys: pytest.CaptureFixture[s
     text = capsys.readouterr().out
     assert "top1_err" in text and "266,610" in text
 
+    # A config for two devices is still evaluated on one: every sample, one set of figures.
+    assert test.main(["-r", str(run_dir / "best.ckpt"), "--json", "--set", "trainer.devices=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1_err"] == out["top1_err"]
+
 
 def test_tensorboard_gets_the_documented_keys(config_file: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -126,6 +126,12 @@ def progress_bar(cfg: Config) -> list[Callback]:
     return []
 
 
+def one_device(cfg: Config) -> dict[str, Any]:
+    """Trainer overrides for evaluating on one device of the configured kind: under DDP every rank would
+    print its own figures, and the in-memory loaders give each rank an equal share, dropping the rest."""
+    return {"devices": cfg.trainer.devices[:1] if isinstance(cfg.trainer.devices, list) else 1, "strategy": "auto"}
+
+
 def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Trainer:
     """A ``Trainer`` from ``cfg.trainer``; ``run_dir=None`` builds one for evaluation only (no logging)."""
     # The run folder always holds config.json before the first checkpoint: that is by design.
