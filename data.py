@@ -121,6 +121,7 @@ class _BaseDataModule(pl.LightningDataModule):
     """Arguments shared by every data module (the keys of ``data_loader.args``)."""
 
     num_classes: int = 10
+    classes: tuple[str, ...] = ()  # names in label order (written into the .dcz header)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
@@ -203,11 +204,13 @@ class _MNISTFamily(_BaseDataModule):
 
 class MNIST(_MNISTFamily):
     folder, torchvision_cls = "MNIST", datasets.MNIST
+    classes = tuple(datasets.MNIST.classes)
     mean, std = (0.1307,), (0.3081,)
 
 
 class FashionMNIST(_MNISTFamily):
     folder, torchvision_cls = "FashionMNIST", datasets.FashionMNIST
+    classes = tuple(datasets.FashionMNIST.classes)
     mean, std = (0.2860,), (0.3530,)
 
 
@@ -250,6 +253,14 @@ class CIFAR100(_FolderDataModule):
     """CIFAR-100 via torchvision, random crop (pad 4) + horizontal flip."""
 
     num_classes = 100
+    # The fine labels in label order (the dataset's own `fine_label_names`, alphabetical).
+    classes = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+        camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+        dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard
+        lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+        pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+        shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+        television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
     def prepare_data(self) -> None:
@@ -279,6 +290,9 @@ class Imagenette(_FolderDataModule):
     ``val/`` is the test split and the validation split is carved out of ``train/``.
     """
 
+    # Label order is ImageFolder's: the sorted WordNet ids n01440764, n02102040, ..., n03888605.
+    classes = ("tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+               "garbage truck", "gas pump", "golf ball", "parachute")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def _missing_message(self, err: Exception) -> str:

@@ -173,7 +173,8 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None = None,
     datamodule = DATAMODULES[config["data_loader"]["type"]]
     # What test.py needs to evaluate the file (the data it was trained on); the training settings stay out.
     evaluation = {key: config[key] for key in ("name", "data_loader", "loss", "metrics") if key in config}
-    metadata = {"num_classes": arch["args"].get("num_classes"), "eval": evaluation,
+    metadata = {"num_classes": arch["args"].get("num_classes"), "class_names": list(datamodule.classes),
+                "eval": evaluation,
                 "input": {"mean": list(datamodule.mean), "std": list(datamodule.std)}}
     bits = index_bits if index_bits is not None else config.get("export", {}).get("index_bits", 5)
     out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")

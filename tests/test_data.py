@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_images, write_idx, write_mnist_folder
-from data import CIFAR100, DataNotFoundError, FashionMNIST, Imagenette, InMemoryBatches, MNIST, read_idx
+from data import DATAMODULES, CIFAR100, DataNotFoundError, FashionMNIST, Imagenette, InMemoryBatches, MNIST, read_idx
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -104,3 +104,11 @@ def test_imagenette_reads_image_folders(tmp_path: Path) -> None:
     dm.setup("test")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 224, 224) and len(dm.val_set) == 2 and len(dm.test_set) == 8
+
+
+@pytest.mark.parametrize("name", sorted(DATAMODULES))
+def test_every_dataset_names_its_classes_in_label_order(name: str) -> None:
+    module = DATAMODULES[name]
+    assert len(module.classes) == len(set(module.classes)) == module.num_classes
+    if name == "CIFAR100":  # its fine_label_names are alphabetical
+        assert list(module.classes) == sorted(module.classes) and module.classes[-1] == "worm"

@@ -157,11 +157,12 @@ def test_train_writes_dcz_and_test_py_gives_identical_results(tmp_path: Path, id
         results.append(json.loads(capsys.readouterr().out))
     for key in ("loss", "top1_err", "top5_err", "nonzero", "params", "layers"):
         assert results[0][key] == results[1][key], key
-    # The decoded weights equal the quantized weights of the checkpoint, bit for bit.
+    # The decoded weights equal the quantized weights of the checkpoint, bit for bit (-0.0 is not +0.0).
     ckpt = torch.load(run / "best.ckpt", weights_only=True)
-    decoded = read_compressed(run / "model.dcz")[0]
+    decoded, header = read_compressed(run / "model.dcz")
     for name, value in decoded.state_dict().items():
-        assert torch.equal(value, ckpt["state_dict"][f"model.{name}"]), name
+        assert torch.equal(value.view(torch.int32), ckpt["state_dict"][f"model.{name}"].view(torch.int32)), name
+    assert header["class_names"][:2] == ["T-shirt/top", "Trouser"] and len(header["class_names"]) == 10
     # dcz.py encode does the same for any checkpoint.
     out, again = encode_checkpoint(run / "best.ckpt", tmp_path / "again.dcz")
     assert again["file"]["bytes"] == os.path.getsize(out) and (tmp_path / "compression_report.md").is_file()
