@@ -10,8 +10,8 @@ Python API::
                              masks=masks, codebooks=codebooks, indices=indices)
 
 The file (``compression.container``): magic + version, a JSON header (architecture and its arguments,
-input normalisation, class count, the data and metrics to evaluate it with, one entry per tensor) and CRC32-checked sections
-(``compression.model_codec``). No pickle anywhere; reading validates every size before allocating.
+input normalisation, class count and names, the data and metrics to evaluate it with, one entry per tensor)
+and CRC32-checked sections (``compression.model_codec``). No pickle anywhere; reading validates every size before allocating.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def _empty_model(path: str | Path, header: dict[str, Any]) -> nn.Module:
         raise CompressedFileError(f"{path}: cannot build {arch['type']} with {arch.get('args')}: {err}") from None
     count = sum(math.prod(t.shape) for t in meta.state_dict().values())
     if count > MAX_PARAMETERS:
-        raise CompressedFileError(f"{path}: header declares {count:,} weights, more than the {MAX_PARAMETERS:,} allowed")
+        raise CompressedFileError(f"{path}: header declares {count:,} weights, "
+                                  f"more than the {MAX_PARAMETERS:,} allowed")
     return MODELS[arch["type"]](**arch.get("args", {}))
 
 

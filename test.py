@@ -28,7 +28,8 @@ USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileEr
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split.")
-    parser.add_argument("-r", "--resume", required=True, help="checkpoint (.ckpt) or compressed file (.dcz) to evaluate")
+    parser.add_argument("-r", "--resume", required=True,
+                        help="checkpoint (.ckpt) or compressed file (.dcz) to evaluate")
     parser.add_argument("-c", "--config", default=None, help="config file (default: the one stored with -r)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")

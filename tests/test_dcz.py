@@ -249,8 +249,8 @@ def test_auto_index_bits_never_loses_to_a_fixed_width(tmp_path: Path) -> None:
     model = LeNet300()
     state = compress_like_the_paper(model, 0.05, 5)
     arch = {"type": "LeNet300", "args": {}}
-    sizes = {bits: save_compressed(model, tmp_path / f"{bits}.dcz", arch=arch, index_bits=bits, **state)["file"]["bytes"]
-             for bits in (3, 5, 8, "auto")}
+    sizes = {bits: save_compressed(model, tmp_path / f"{bits}.dcz", arch=arch, index_bits=bits,
+                                   **state)["file"]["bytes"] for bits in (3, 5, 8, "auto")}
     assert sizes["auto"] <= min(sizes[3], sizes[5], sizes[8])
     decoded = read_compressed(tmp_path / "auto.dcz")[0]
     assert all(torch.equal(decoded.state_dict()[k], v) for k, v in model.state_dict().items())
