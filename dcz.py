@@ -11,7 +11,8 @@ Python API::
 
 The file (``compression.container``): magic + version, a JSON header (architecture and its arguments,
 input normalisation, class count and names, the data and metrics to evaluate it with, one entry per tensor)
-and CRC32-checked sections (``compression.model_codec``). No pickle anywhere; reading validates every size before allocating.
+and CRC32-checked sections (``compression.model_codec``). No pickle anywhere; reading validates every size
+before allocating.
 """
 
 from __future__ import annotations

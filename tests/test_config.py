@@ -137,7 +137,8 @@ def test_train_cli_errors_exit_2(config_file: Path, args: list[str], match: str,
 def test_tuple_arguments_are_json_lists(raw: dict[str, Any]) -> None:
     raw["optimizer"] = {"type": "Adam", "args": {"lr": 1e-3, "betas": [0.8, 0.99]}}
     cfg = parse_config(raw)
-    assert instantiate(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))]).defaults["betas"][1] == 0.99
+    optimizer = instantiate(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+    assert optimizer.defaults["betas"][1] == 0.99
     raw["optimizer"]["args"]["betas"] = "fast"
     with pytest.raises(ConfigError, match=r"optimizer\.args\.betas: expected tuple, got 'fast'"):
         parse_config(raw)
