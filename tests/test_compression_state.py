@@ -80,6 +80,17 @@ def test_loaded_entries_that_do_not_fit_are_refused(change: Any, match: str) -> 
         CompressionState().load_entries(model, entries)
 
 
+def test_codebooks_come_back_in_the_saved_order() -> None:
+    # "1.weight" was pruned away entirely: it has a codebook (registered by Quantization.setup) but no
+    # index. The optimizer restores its state by position, so the saved order must come back.
+    model = small_model()
+    entries = quantized_entries(model)
+    entries["state_dict"] = {"compression.codebooks.1__weight": torch.zeros(4), **entries["state_dict"]}
+    state = CompressionState()
+    state.load_entries(model, entries)
+    assert list(state.codebooks) == ["1__weight", "0__weight"] and state.codebooks["1__weight"].shape == (4,)
+
+
 def test_ddp_is_told_to_leave_the_codebooks_alone(tmp_path: Any) -> None:
     # Codebook gradients are summed from DDP-averaged weight gradients after backward: DDP must not wait
     # for autograd gradients of its own for them, whatever the strategy's name ("auto", "ddp_spawn", ...).

@@ -152,6 +152,13 @@ class CompressionState(nn.Module):
             self.masks[name] = mask.to(params[name].device, torch.bool)
         sizes = {k: v.shape[0] for k, v in checkpoint.get("state_dict", {}).items()
                  if k.startswith("compression.codebooks.")}
+        # Every codebook of the checkpoint, in its order (a layer pruned away entirely has a codebook but no
+        # index): the optimizer's state is restored by position, so the order must be the saved one.
+        device = next(iter(params.values())).device if params else None
+        for key, size in sizes.items():
+            short = key.removeprefix("compression.codebooks.")
+            if short not in self.codebooks:
+                self.codebooks[short] = nn.Parameter(torch.zeros(size, device=device))
         for name, index in checkpoint.get("quant_index", {}).items():
             key = f"compression.codebooks.{_key(name)}"
             if key not in sizes or name not in self.masks:
@@ -162,4 +169,3 @@ class CompressionState(nn.Module):
                 raise ValueError(f"quantization index of {name} does not fit: {tuple(index.shape)} entries for "
                                  f"{kept} kept weights and a codebook of {sizes[key]}")
             self.index[name] = index.to(params[name].device, torch.int64)
-            self.add_codebook(name, sizes[key], params[name].device)
