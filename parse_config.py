@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -224,7 +225,7 @@ def _wants_tuple(hint: Any) -> bool:
     """Whether a type hint is, or is a union holding, a tuple type."""
     if hint is tuple or typing.get_origin(hint) is tuple:
         return True
-    return any(_wants_tuple(arg) for arg in typing.get_args(hint))
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and any(map(_wants_tuple, typing.get_args(hint)))
 
 
 def instantiate(spec: _Spec, path: str, **supplied: Any) -> Any:

@@ -62,11 +62,13 @@ def train(args: argparse.Namespace) -> int:
         datamodule.prepare_data()  # download if asked: missing data fails here, not inside the fit
     datamodule.setup("fit")
     lit_model = build_lit_model(cfg, load_pretrained=not args.resume)
+    start_epoch = 0
     if args.resume:  # codebooks must exist before the optimizer is rebuilt and its state restored
-        lit_model.load_compression(load_checkpoint(args.resume))
-    # (a resumed run's quantized layers are past all its pruning steps: _check_order saw to that)
-    quantized = {} if args.resume else lit_model.compression.index
-    callbacks = build_config_callbacks(cfg, lit_model.model, quantized=quantized)
+        ckpt = load_checkpoint(args.resume)
+        lit_model.load_compression(ckpt)
+        start_epoch = int(ckpt.get("epoch", 0))  # (the epoch it was saved in: conservative by one)
+    callbacks = build_config_callbacks(cfg, lit_model.model, quantized=lit_model.compression.index,
+                                       start_epoch=start_epoch)
     run_dir = Path(args.resume).parent if args.resume else make_run_dir(cfg)
     try:  # the Trainer checks accelerator, devices, strategy and precision
         trainer = build_trainer(cfg, run_dir, callbacks=callbacks)

@@ -104,7 +104,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
     if codebook is None:
         expected = tensor.masked_fill(~mask, 0.0)
     else:
-        expected = dequantize(codebook.detach().cpu(), index.cpu(), mask)
+        codebook = codebook.detach().cpu().to(tensor.dtype)  # e.g. float64 after a 64-true run; stored as float32
+        expected = dequantize(codebook, index.cpu(), mask)
     if not torch.equal(tensor, expected):
         what = "non-zero pruned weights" if codebook is None else "weights that are not codebook[index] on the mask"
         raise ValueError(f"{name}: the tensor has {what}; re-apply the compression state before encoding")

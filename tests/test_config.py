@@ -131,7 +131,15 @@ def test_train_cli_errors_exit_2(config_file: Path, args: list[str], match: str,
     assert train.main(["-c", str(config_file), *args]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
-    assert not list((config_file.parent / "runs").rglob("*.json"))  # no run folder left behind
+    assert not list((config_file.parent / "runs").glob("tiny/*"))  # no run folder left behind
+
+
+@pytest.mark.parametrize(("devices", "expected"), [(2, 1), ("auto", 1), ([3, 1], [3]), ("1,2", [1])])
+def test_evaluation_uses_one_device_of_the_configured_ones(raw: dict[str, Any], devices: Any, expected: Any) -> None:
+    from trainer.trainer import one_device
+
+    assert one_device(parse_config(set_key(raw, "trainer.devices", devices))) == {"devices": expected,
+                                                                                 "strategy": "auto"}
 
 
 def test_tuple_arguments_are_json_lists(raw: dict[str, Any]) -> None:

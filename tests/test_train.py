@@ -83,17 +83,27 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, idx_
 
 def test_float64_run_and_a_refused_resume_that_leaves_the_run_alone(config_file: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    # 64-true: the uint8 MNIST batches become float64 too (they are cast after the device transfer).
-    assert train.main(["-c", str(config_file), "--set", "trainer.precision=64-true", "--set", "trainer.max_epochs=1",
-                       "--set", "trainer.limit_train_batches=3"]) == 0
+    # 64-true: the uint8 MNIST batches become float64 too (they are cast after the device transfer), and
+    # the float64 codebooks still export (the file stores float32, as the decoded model is).
+    compress = {"IterativePruning": {"keep_ratio": 0.1}, "Quantization": {"bits": 4, "epoch": 1}}
+    assert train.main(["-c", str(config_file), "--set", "trainer.precision=64-true", "--set", "trainer.max_epochs=2",
+                       "--set", "trainer.limit_train_batches=3",
+                       "--set", f"trainer.callbacks={json.dumps(compress)}"]) == 0
     (run,) = run_dirs(config_file.parent / "runs")
     assert final_weights(run / "last.ckpt")["model.fc1.weight"].dtype == torch.float64
+    assert (run / "model.dcz").is_file()
     assert test.main(["-r", str(run / "last.ckpt"), "--json"]) == 0
     # A resume the Trainer refuses must not rewrite the run's config.json (test.py reads it).
     before = (run / "config.json").read_bytes()
     capsys.readouterr()
     assert train.main(["-r", str(run / "last.ckpt"), "--set", "trainer.accelerator=mps"]) == 2
     assert "MPSAccelerator" in capsys.readouterr().err and (run / "config.json").read_bytes() == before
+    # Nor may a resume add a pruning step for layers the run has quantized (their masks are fixed).
+    prune_again = {**compress, "IterativePruning": {"keep_ratio": 0.05, "schedule": "epochs", "epochs": [0, 2]}}
+    assert train.main(["-r", str(run / "last.ckpt"), "--set", "trainer.max_epochs=3",
+                       "--set", f"trainer.callbacks={json.dumps(prune_again)}"]) == 2
+    assert "fc1.weight, fc2.weight, fc3.weight are already quantized" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == before
 
 
 def test_weights_start_a_new_run_from_trained_weights(config_file: Path) -> None:

@@ -86,8 +86,8 @@ class CompressionState(nn.Module):
         mask = self.masks[name]
         if mask.device != device:
             mask = self.masks[name] = mask.to(device)
-            if name in self.index:
-                self.index[name] = self.index[name].to(device)
+        if name in self.index and self.index[name].device != device:
+            self.index[name] = self.index[name].to(device)
         return mask
 
     @torch.no_grad()

@@ -64,12 +64,14 @@ def load_trained_model(ckpt_path: str | Path, config_path: str | Path | None,
     return model, cfg, ckpt
 
 
-def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[str] = ()) -> list[Callback]:
+def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[str] = (),
+                           start_epoch: int = 0) -> list[Callback]:
     """The callbacks named in ``trainer.callbacks``, checked against the model before anything runs.
 
     Args:
-        quantized: Parameters already quantized when the run starts at epoch 0 (a ``pretrained``
-            checkpoint's): their masks are fixed, so pruning may not select them.
+        quantized: Parameters already quantized when the run starts (from ``pretrained`` or the resumed
+            checkpoint): their masks are fixed, so no pruning step from ``start_epoch`` on may select them.
+        start_epoch: The first epoch this call will train (a resumed checkpoint's epoch; 0 for a new run).
 
     Raises:
         ConfigError: bad arguments, or (compression callbacks) layer names or epochs that do not fit.
@@ -81,11 +83,11 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
             targets = callback.check(model, cfg.trainer.max_epochs) if hasattr(callback, "check") else {}
         except (TypeError, ValueError, MisconfigurationException) as err:  # Lightning's own callbacks raise the last
             raise ConfigError(f"trainer.callbacks.{name}: {err}") from None
-        if isinstance(callback, IterativePruning) and (fixed := sorted(f"{t}.weight" for t in targets
-                                                                        if f"{t}.weight" in quantized)):
-            raise ConfigError(f"trainer.callbacks.IterativePruning: {', '.join(fixed)} are already quantized in "
-                              f"{cfg.pretrained}, so their masks are fixed; prune from an unquantized checkpoint "
-                              f"or select other layers with `layers`")
+        fixed = sorted(f"{t}.weight" for t in targets if f"{t}.weight" in quantized)
+        if isinstance(callback, IterativePruning) and fixed and max(callback.steps, default=-1) >= start_epoch:
+            raise ConfigError(f"trainer.callbacks.IterativePruning: {', '.join(fixed)} are already quantized, so "
+                              f"their masks are fixed; prune from an unquantized checkpoint or select other layers "
+                              f"with `layers`")
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks
@@ -129,7 +131,10 @@ def progress_bar(cfg: Config) -> list[Callback]:
 def one_device(cfg: Config) -> dict[str, Any]:
     """Trainer overrides for evaluating on one device of the configured kind: under DDP every rank would
     print its own figures, and the in-memory loaders give each rank an equal share, dropping the rest."""
-    return {"devices": cfg.trainer.devices[:1] if isinstance(cfg.trainer.devices, list) else 1, "strategy": "auto"}
+    devices = cfg.trainer.devices
+    if isinstance(devices, str) and "," in devices:  # Lightning reads "1,2" as device ids
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    return {"devices": devices[:1] if isinstance(devices, list) else 1, "strategy": "auto"}
 
 
 def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Trainer:
