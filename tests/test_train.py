@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
+import trainer.trainer as trainer_module
 from conftest import load_script, tiny_config
 
 train = load_script("train")
@@ -79,6 +82,36 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, idx_
     assert resumed["lr_schedulers"][0]["last_epoch"] == expected["lr_schedulers"][0]["last_epoch"]
     assert json.loads((interrupted / "config.json").read_text())["trainer"]["max_epochs"] == 2
     assert len(run_dirs(tmp_path / "interrupted")) == 1  # resumed in place, no new run folder
+
+
+class DrawsRandom(pl.Callback):
+    """Draws from torch's global generator at every training batch, as dropout or augmentation would."""
+
+    def __init__(self) -> None:
+        self.draws: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.draws.setdefault(trainer.current_epoch, []).append(torch.rand(1).item())
+
+
+def test_resume_draws_the_random_numbers_the_interrupted_run_would_have(
+        tmp_path: Path, idx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorders = []
+
+    def with_recorder(cfg: Any, run_dir: Path) -> list[pl.Callback]:
+        recorders.append(DrawsRandom())
+        return original(cfg, run_dir) + [recorders[-1]]
+
+    original = trainer_module.build_callbacks
+    monkeypatch.setattr(trainer_module, "build_callbacks", with_recorder)
+    for name, epochs in (("straight", 2), ("interrupted", 1)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / name, max_epochs=epochs)))
+        assert train.main(["-c", str(tmp_path / f"{name}.json")]) == 0
+    (interrupted,) = run_dirs(tmp_path / "interrupted")
+    assert train.main(["-r", str(interrupted / "last.ckpt"), "--set", "trainer.max_epochs=2"]) == 0
+    straight, _, resumed = recorders
+    assert resumed.draws[1] == straight.draws[1] and straight.draws[1] != straight.draws[0]
 
 
 def test_float64_run_and_a_refused_resume_that_leaves_the_run_alone(config_file: Path,

@@ -7,6 +7,7 @@ percent (``val/top1_err`` = 1.64 means 1.64 % misclassified) to compare directly
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ class LitClassifier(pl.LightningModule):
         # automatic loop's closures and extra hooks cost ~0.2 ms a step, ~10 % of a LeNet step on CPU.
         self.automatic_optimization = False
         self.gradient_clip_val: float | None = config["trainer"].get("gradient_clip_val")
+        self._resumed_rng: dict[str, Any] | None = None  # random-number states of a resumed checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -177,6 +179,15 @@ class LitClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.compression.load_entries(self.model, checkpoint)  # before the state dict is restored
         _carry_step_count_to_manual_(checkpoint)
+        self._resumed_rng = checkpoint.get("rng_states")  # put back when the next training epoch starts
+
+    def on_train_epoch_start(self) -> None:
+        # A resumed run draws the random numbers the interrupted one would have drawn next (shuffling and
+        # augmentation of DataLoader datasets, dropout). Not at load time: the sanity-check validation that
+        # follows would draw from them first, where the interrupted run had drawn before saving.
+        if self._resumed_rng:
+            _set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
 
     def configure_optimizers(self) -> Any:
         spec = self.config["optimizer"]
@@ -196,6 +207,7 @@ class LitClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config  # plain JSON types: loadable with weights_only=True
         checkpoint.update(self.compression.checkpoint_entries())
+        checkpoint["rng_states"] = _rng_states()
 
 
 def _carry_step_count_to_manual_(checkpoint: dict[str, Any]) -> None:
@@ -207,3 +219,17 @@ def _carry_step_count_to_manual_(checkpoint: dict[str, Any]) -> None:
     manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
     if automatic and manual and manual["total"]["completed"] == 0 and automatic["total"]["completed"] > 0:
         loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global generators a training epoch draws from: torch (CPU, every CUDA device) and Python's
+    ``random``. Tensors, tuples and ints only: loadable with weights_only=True."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
