@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from parse_config import parse_config
 from trainer import compression_state
 from trainer.compression_state import CompressionState

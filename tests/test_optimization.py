@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.callbacks import TQDMProgressBar as LightningTQDMProgressBar
 
 from conftest import load_script, tiny_config
 from parse_config import parse_config
-from trainer.lean import ModelCheckpoint, NullProfiler
+from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
 from trainer.trainer import build_trainer
 
 train = load_script("train")
@@ -97,6 +98,23 @@ def test_train_py_trainers_use_the_lean_profiler_and_checkpoints(idx_dir: Path, 
     assert len(checkpoints) == 2 and all(type(c) is ModelCheckpoint for c in checkpoints)
     with trainer.profiler.profile("[Callback]x.on_train_batch_end"), trainer.profiler.profile("nested"):
         pass  # one shared null context: reusable and nestable
+    cfg.trainer.progress_bar = "tqdm"
+    (bar,) = [c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, LightningTQDMProgressBar)]
+    assert type(bar) is TQDMProgressBar
+
+
+def test_tqdm_bar_redraws_by_time_and_always_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("trainer.lean.time.monotonic", lambda: now[0])
+    bar = TQDMProgressBar(min_interval=0.2)
+    assert bar._should_update(1, 844)  # the first batch draws
+    now[0] += 0.1
+    assert not bar._should_update(2, 844) and bar._should_update(844, 844)  # too soon, unless the last batch
+    now[0] += 0.25
+    assert bar._should_update(3, 844) and not bar._should_update(4, 844)
+    bar.disable()
+    now[0] += 1.0
+    assert not bar._should_update(5, 844)
 
 
 def test_train_loss_is_logged_on_the_loggers_steps(tmp_path: Path, idx_dir: Path) -> None:

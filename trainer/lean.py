@@ -14,9 +14,11 @@ the profiler did nothing, and the state key is the same string, computed once (t
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.callbacks import TQDMProgressBar as _LightningTQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 from typing_extensions import override
 
@@ -53,3 +55,28 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         if name in _KEY_FIELDS:  # e.g. someone setting .monitor after __init__: build the key again
             self.__dict__.pop("_state_key", None)
         super().__setattr__(name, value)
+
+
+class TQDMProgressBar(_LightningTQDMProgressBar):
+    """Lightning's tqdm bar, redrawn at most every ``min_interval`` seconds instead of every
+    ``refresh_rate`` batches.
+
+    Lightning forces a full redraw (format, write, flush) on every ``refresh_rate``-th batch, past tqdm's own
+    rate limit: at 2 ms a LeNet step that is ~50 redraws a second with ``refresh_rate=10``, some 6 % of an
+    epoch's CPU time (BENCHMARKS.md). Five redraws a second look the same; the last batch always redraws.
+    """
+
+    def __init__(self, min_interval: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=1, **kwargs)
+        self.min_interval = min_interval
+        self._next_draw = 0.0  # time.monotonic() of the next allowed redraw
+
+    @override
+    def _should_update(self, current: int, total: int) -> bool:
+        if not self.is_enabled:
+            return False
+        now = time.monotonic()
+        if current != total and now < self._next_draw:
+            return False
+        self._next_draw = now + self.min_interval
+        return True

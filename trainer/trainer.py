@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, RichProgressBar, TQDMProgressBar
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from parse_config import Config, ConfigError, instantiate, load_config
 from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
-from trainer.lean import ModelCheckpoint, NullProfiler
+from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
 from trainer.lit_model import LitClassifier
 from utils import CheckpointError, load_checkpoint, model_state
 
@@ -124,7 +124,7 @@ def progress_bar(cfg: Config) -> list[Callback]:
     if cfg.trainer.progress_bar == "rich":
         return [RichProgressBar()]
     if cfg.trainer.progress_bar == "tqdm":
-        return [TQDMProgressBar(refresh_rate=10)]
+        return [TQDMProgressBar()]  # trainer/lean.py: redrawn by time (5 a second), not every n batches
     return []
 
 
