@@ -62,8 +62,9 @@ class TQDMProgressBar(_LightningTQDMProgressBar):
     ``refresh_rate`` batches.
 
     Lightning forces a full redraw (format, write, flush) on every ``refresh_rate``-th batch, past tqdm's own
-    rate limit: at 2 ms a LeNet step that is ~50 redraws a second with ``refresh_rate=10``, some 6 % of an
-    epoch's CPU time (BENCHMARKS.md). Five redraws a second look the same; the last batch always redraws.
+    rate limit: at 2 ms a LeNet step that is ~50 redraws a second with ``refresh_rate=10`` (a median of 6 %
+    of an epoch's CPU time in one benchmark run, BENCHMARKS.md). Five redraws a second look the same; the
+    last batch always redraws.
     """
 
     def __init__(self, min_interval: float = 0.2, **kwargs: Any) -> None:
