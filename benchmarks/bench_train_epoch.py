@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import FashionMNIST  # noqa: E402
 from models import LeNet300  # noqa: E402
 from parse_config import parse_config  # noqa: E402
-from trainer.lit_model import LitClassifier  # noqa: E402
 from trainer.lean import NullProfiler  # noqa: E402
+from trainer.lit_model import LitClassifier  # noqa: E402
 from trainer.trainer import build_trainer  # noqa: E402
-
 
 # Wall time by default; --clock cpu switches to the process's CPU time (all its threads), which leaves out
 # the time this shared VM's other tenants take from us: with --threads 1 it is the work each side does.
@@ -68,20 +68,6 @@ def ours(data_dir: str, batch_size: int, progress_bar: str, tmp: Path) -> float:
     return timer.seconds
 
 
-def bare_lightning(data_dir: str, batch_size: int) -> float:
-    """The same LightningModule in a Trainer with no logger, checkpoint or callback (and Lightning's default
-    profiler): what Lightning's loop costs around our module's own training step."""
-    cfg = parse_config(config(data_dir, batch_size, "none"))
-    torch.manual_seed(0)
-    lit = LitClassifier(LeNet300(), cfg.model_dump())
-    timer = EpochTimer()
-    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[timer], accelerator="cpu", devices=1)
-    trainer.fit(lit, datamodule=FashionMNIST(data_dir, batch_size=batch_size))
-    return timer.seconds
-
-
 class _RawStep(LitClassifier):
     """Our module with the optimizer step written against torch directly (no LightningOptimizer, no
     manual_backward): only for the floor below, since it skips precision plugins and the step counter."""
@@ -95,16 +81,17 @@ class _RawStep(LitClassifier):
         return loss
 
 
-def lightning_floor(data_dir: str, batch_size: int) -> float:
-    """Lightning's training loop with as little as it allows around the step: no logger, checkpoint,
-    callback or profiler cost, and a raw torch optimizer step. What no Trainer-based run can go below."""
+def bare_trainer(data_dir: str, batch_size: int, module: type[LitClassifier], **trainer_args: Any) -> float:
+    """``module`` in a Trainer with no logger, checkpoint or callback. With ``LitClassifier`` and Lightning's
+    default profiler ("bare Lightning"): what Lightning's loop costs around our module's training step. With
+    ``_RawStep`` and the null profiler ("Lightning floor"): the least any Trainer-based run can spend."""
     cfg = parse_config(config(data_dir, batch_size, "none"))
     torch.manual_seed(0)
-    lit = _RawStep(LeNet300(), cfg.model_dump())
+    lit = module(LeNet300(), cfg.model_dump())
     timer = EpochTimer()
     trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[timer], accelerator="cpu", devices=1, profiler=NullProfiler())
+                         callbacks=[timer], accelerator="cpu", devices=1, **trainer_args)
     trainer.fit(lit, datamodule=FashionMNIST(data_dir, batch_size=batch_size))
     return timer.seconds
 
@@ -152,8 +139,8 @@ def main() -> None:
     images, labels = dm.train_set
     sides = {
         "plain loop": lambda: plain(images, labels, args.batch_size),
-        "Lightning floor": lambda: lightning_floor(args.data_dir, args.batch_size),
-        "bare Lightning": lambda: bare_lightning(args.data_dir, args.batch_size),
+        "Lightning floor": lambda: bare_trainer(args.data_dir, args.batch_size, _RawStep, profiler=NullProfiler()),
+        "bare Lightning": lambda: bare_trainer(args.data_dir, args.batch_size, LitClassifier),
         "ours (no bar)": lambda: ours(args.data_dir, args.batch_size, "none", Path(args.tmp)),
         "ours (tqdm bar)": lambda: ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)),
     }
