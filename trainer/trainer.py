@@ -133,8 +133,8 @@ def one_device(cfg: Config) -> dict[str, Any]:
     print its own figures, and the in-memory loaders give each rank an equal share, dropping the rest."""
     devices = cfg.trainer.devices
     if isinstance(devices, str) and "," in devices:  # Lightning reads "1,2" as device ids
-        devices = [int(d) for d in devices.split(",") if d.strip()]
-    return {"devices": devices[:1] if isinstance(devices, list) else 1, "strategy": "auto"}
+        devices = [int(d) for d in devices.split(",") if d.strip().isdigit()]
+    return {"devices": devices[:1] if isinstance(devices, list) and devices else 1, "strategy": "auto"}
 
 
 def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Trainer:
