@@ -9,9 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import trainer.trainer as trainer_module
 from conftest import load_script, tiny_config
+from data import DATAMODULES, FashionMNIST
 
 train = load_script("train")
 test = load_script("test")
@@ -85,14 +87,22 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, idx_
 
 
 class DrawsRandom(pl.Callback):
-    """Draws from torch's global generator at every training batch, as dropout or augmentation would."""
+    """Records each training batch's labels and a draw from torch's global generator (as dropout draws)."""
 
     def __init__(self) -> None:
-        self.draws: dict[int, list[float]] = {}
+        self.seen: dict[int, list[tuple[list[int], float]]] = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self.draws.setdefault(trainer.current_epoch, []).append(torch.rand(1).item())
+        self.seen.setdefault(trainer.current_epoch, []).append((batch[1].tolist(), torch.rand(1).item()))
+
+
+class ShuffledByDataLoader(FashionMNIST):
+    """Fashion-MNIST served the way CIFAR-100 and Imagenette are: a DataLoader shuffling with the global
+    generator (whose iterator also draws a seed from it when it is created)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_set), batch_size=self.batch_size, shuffle=True)
 
 
 def test_resume_draws_the_random_numbers_the_interrupted_run_would_have(
@@ -105,13 +115,16 @@ def test_resume_draws_the_random_numbers_the_interrupted_run_would_have(
 
     original = trainer_module.build_callbacks
     monkeypatch.setattr(trainer_module, "build_callbacks", with_recorder)
+    monkeypatch.setitem(DATAMODULES, "ShuffledByDataLoader", ShuffledByDataLoader)
     for name, epochs in (("straight", 2), ("interrupted", 1)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / name, max_epochs=epochs)))
+        cfg = tiny_config(idx_dir, tmp_path / name, max_epochs=epochs)
+        cfg["data_loader"]["type"] = "ShuffledByDataLoader"
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
         assert train.main(["-c", str(tmp_path / f"{name}.json")]) == 0
     (interrupted,) = run_dirs(tmp_path / "interrupted")
     assert train.main(["-r", str(interrupted / "last.ckpt"), "--set", "trainer.max_epochs=2"]) == 0
     straight, _, resumed = recorders
-    assert resumed.draws[1] == straight.draws[1] and straight.draws[1] != straight.draws[0]
+    assert resumed.seen[1] == straight.seen[1] and straight.seen[1] != straight.seen[0]
 
 
 def test_float64_run_and_a_refused_resume_that_leaves_the_run_alone(config_file: Path,

@@ -55,7 +55,6 @@ class LitClassifier(pl.LightningModule):
         # automatic loop's closures and extra hooks cost ~0.2 ms a step, ~10 % of a LeNet step on CPU.
         self.automatic_optimization = False
         self.gradient_clip_val: float | None = config["trainer"].get("gradient_clip_val")
-        self._resumed_rng: dict[str, Any] | None = None  # random-number states of a resumed checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -179,15 +178,11 @@ class LitClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.compression.load_entries(self.model, checkpoint)  # before the state dict is restored
         _carry_step_count_to_manual_(checkpoint)
-        self._resumed_rng = checkpoint.get("rng_states")  # put back when the next training epoch starts
-
-    def on_train_epoch_start(self) -> None:
-        # A resumed run draws the random numbers the interrupted one would have drawn next (shuffling and
-        # augmentation of DataLoader datasets, dropout). Not at load time: the sanity-check validation that
-        # follows would draw from them first, where the interrupted run had drawn before saving.
-        if self._resumed_rng:
-            _set_rng_states(self._resumed_rng)
-            self._resumed_rng = None
+        # A resumed fit draws the random numbers the interrupted one would have drawn next (DataLoader
+        # shuffling and augmentation, dropout). Now, before Lightning builds the train iterator (which draws a
+        # seed); the sanity-check validation in between runs under Lightning's isolate_rng.
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            _set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self) -> Any:
         spec = self.config["optimizer"]
