@@ -57,9 +57,12 @@ class CompressionState(nn.Module):
 
     def add_codebook(self, name: str, size: int, device: torch.device | None = None) -> nn.Parameter:
         """Registers a (size,) codebook for parameter ``name`` (before the optimizer is built)."""
-        if _key(name) not in self.codebooks:
-            self.codebooks[_key(name)] = nn.Parameter(torch.zeros(size, device=device))
-        return self.codebooks[_key(name)]
+        return self._codebook(_key(name), size, device)
+
+    def _codebook(self, key: str, size: int, device: torch.device | None) -> nn.Parameter:
+        if key not in self.codebooks:
+            self.codebooks[key] = nn.Parameter(torch.zeros(size, device=device))
+        return self.codebooks[key]
 
     def set_quantization(self, model: nn.Module, name: str, centroids: torch.Tensor, index: torch.Tensor) -> None:
         """Quantizes parameter ``name``: its kept weights become ``centroids[index]`` (codebook padded with 0).
@@ -156,9 +159,7 @@ class CompressionState(nn.Module):
         # index): the optimizer's state is restored by position, so the order must be the saved one.
         device = next(iter(params.values())).device if params else None
         for key, size in sizes.items():
-            short = key.removeprefix("compression.codebooks.")
-            if short not in self.codebooks:
-                self.codebooks[short] = nn.Parameter(torch.zeros(size, device=device))
+            self._codebook(key.removeprefix("compression.codebooks."), size, device)
         for name, index in checkpoint.get("quant_index", {}).items():
             key = f"compression.codebooks.{_key(name)}"
             if key not in sizes or name not in self.masks:
