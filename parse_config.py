@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
+from typing_extensions import Self
 
+from compression.atomic import atomic_write_text
+from compression.layers import LayerType
+from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS
 from data import DATAMODULES
 from models import MODELS
-from trainer.callbacks import CALLBACKS
+from trainer.callbacks import CALLBACKS, PruningArgs, QuantizationArgs
+from trainer.callbacks.args import StrictArgs, format_errors
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
 
 METRICS = ("top1_err", "top5_err")
@@ -33,9 +38,8 @@ class ConfigError(ValueError):
     """A configuration mistake: the message names the JSON path, the value and what is allowed."""
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors; no silent "3" -> 3 coercion (ints are still accepted where floats are).
-    model_config = ConfigDict(extra="forbid", strict=True)
+_Strict = StrictArgs  # unknown keys are errors, no "3" -> 3 coercion (ints are accepted where floats are)
+IndexBits = int | Literal["auto"]
 
 
 class _Spec(_Strict):
@@ -76,6 +80,27 @@ class SchedulerSpec(_Spec):
     SUPPLIED = ("optimizer",)
 
 
+class CallbacksConfig(_Strict):
+    """``trainer.callbacks``: ``{name: arguments}``; the compression callbacks' arguments are typed."""
+
+    IterativePruning: PruningArgs | None = None  # pruning during (re)training (Han 2015)
+    Quantization: QuantizationArgs | None = None  # trained quantization (Han 2016 §3)
+    ModelCheckpoint: dict[str, Any] | None = None  # Lightning's, with its own arguments (checked early)
+    EarlyStopping: dict[str, Any] | None = None
+    LearningRateMonitor: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _used_only(self, handler: Any) -> dict[str, Any]:
+        return {name: args for name, args in handler(self).items() if args is not None}
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, constructor arguments) of each configured callback, pruning before quantization."""
+        return list(self.model_dump().items())
+
+    def __contains__(self, name: str) -> bool:
+        return getattr(self, name, None) is not None
+
+
 class TrainerConfig(_Strict):
     max_epochs: int = Field(10, ge=1)  # epochs to train (resume continues up to this)
     min_epochs: int = Field(0, ge=0)  # early stopping cannot end the run before this
@@ -92,7 +117,7 @@ class TrainerConfig(_Strict):
     deterministic: bool = False  # torch deterministic algorithms (bit-exact reruns, slower on GPU)
     limit_train_batches: int | float | None = Field(None, gt=0)  # a count or a fraction (smoke runs)
     limit_val_batches: int | float | None = Field(None, ge=0)
-    callbacks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> constructor arguments
+    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)  # name -> constructor arguments
 
     @field_validator("monitor")
     @classmethod
@@ -102,13 +127,11 @@ class TrainerConfig(_Strict):
             raise ValueError("must be '<min|max> <metric>', e.g. 'min val/top1_err'")
         return value
 
-    @field_validator("callbacks")
-    @classmethod
-    def _known_callbacks(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name in value:
-            if name not in CALLBACKS:
-                raise ValueError(f"unknown callback {name!r}; valid callbacks: {', '.join(CALLBACKS)}")
-        return value
+    @model_validator(mode="after")
+    def _epochs_in_order(self) -> Self:
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(f"min_epochs ({self.min_epochs}) must not exceed max_epochs ({self.max_epochs})")
+        return self
 
     @property
     def monitor_mode(self) -> str:
@@ -121,15 +144,16 @@ class TrainerConfig(_Strict):
 
 class ExportConfig(_Strict):
     enabled: bool = True  # write model.dcz + compression_report.{md,json} after a compressing fit
-    # Relative-index width before Huffman: 1..16, "auto" (smallest file per tensor), or by layer type.
-    index_bits: int | Literal["auto"] | dict[Literal["Conv2d", "Linear"], int | Literal["auto"]] = 5
+    # Relative-index width before Huffman: 1..16, "auto" (smallest file per tensor), or by layer type
+    # ({"Conv2d": 8, "Linear": "auto"}; a type not named gets DEFAULT_INDEX_BITS).
+    index_bits: IndexBits | dict[LayerType, IndexBits] = DEFAULT_INDEX_BITS
 
     @field_validator("index_bits")
     @classmethod
     def _bits_range(cls, value: Any) -> Any:
         for bits in (value.values() if isinstance(value, dict) else [value]):
-            if bits != "auto" and not 1 <= bits <= 16:
-                raise ValueError(f"index bits must be in 1..16 or 'auto', got {bits}")
+            if bits != "auto" and not 1 <= bits <= MAX_INDEX_BITS:
+                raise ValueError(f"index bits must be in 1..{MAX_INDEX_BITS} or 'auto', got {bits}")
         return value
 
 
@@ -145,45 +169,6 @@ class Config(_Strict):
     metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-
-
-# ---------------------------------------------------------------------------------------------- errors
-def _loc(loc: tuple[Any, ...]) -> str:
-    """('trainer', 'max_epochs') -> 'trainer.max_epochs'; list positions as [i]."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<root>"
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """Names of the keys allowed at ``loc`` (for 'unknown key' messages)."""
-    model: Any = Config
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return []
-        candidates = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
-                      if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return [name for name in model.model_fields]
-
-
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        path = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-        if e["type"] == "extra_forbidden":
-            allowed = _fields_at(tuple(e["loc"][:-1]))
-            lines.append(f"{path}: unknown key; valid keys here: {', '.join(allowed)}")
-        elif e["type"] == "missing":
-            lines.append(f"{path}: missing required key")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: {msg} (got {json.dumps(e['input'], default=str)})")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- constructor arguments
@@ -245,8 +230,9 @@ def _check_specs(cfg: Config) -> None:
         spec = getattr(cfg, path)
         if spec is not None:
             check_args(spec.target, spec.args, f"{path}.args", spec.SUPPLIED)
-    for name, args in cfg.trainer.callbacks.items():
-        check_args(CALLBACKS[name], args, f"trainer.callbacks.{name}")
+    for name, args in cfg.trainer.callbacks.items():  # the compression callbacks' are typed in the schema
+        if name not in ("IterativePruning", "Quantization"):
+            check_args(CALLBACKS[name], args, f"trainer.callbacks.{name}")
     # The data decides the class count: fill it in, or catch a mismatch now rather than at the first batch.
     num_classes = cfg.data_loader.target.num_classes
     given = cfg.arch.args.setdefault("num_classes", num_classes)
@@ -271,7 +257,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(format_errors(err, Config)) from None
     _check_specs(cfg)
     return cfg
 
@@ -363,10 +349,8 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def write_config(cfg: Config, path: Path) -> None:
-    """Writes the resolved config atomically (temp file + rename)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
-    tmp.replace(path)
+    """Writes the resolved config atomically (temp file in the same folder, fsync, rename)."""
+    atomic_write_text(path, json.dumps(cfg.model_dump(), indent=2) + "\n")
 
 
 def load_config(config_path: str | Path | None, resume_path: str | Path | None,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,20 +25,98 @@ from typing import Any
 
 from torch import nn
 
-from compression.sensitivity import (BUDGET_TOL, KINDS, QUANTIZE_EPOCH, Metrics, Point, callbacks_fragment,
-                                     check_jointly, parse_bits, parse_inits, parse_keep_ratios, propose, run_sweeps,
+from builders import load_trained_model, make_evaluator
+from compression.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from compression.kmeans import INITS
+from compression.layers import prunable_layers, resolve
+from compression.quantization import MAX_BITS
+from compression.sensitivity import (BUDGET_TOL, KINDS, Metrics, Point, check_jointly, propose, run_sweeps,
                                      sweep_points)
 from data import DataNotFoundError
-from logger import get_logger, setup_logging
-from parse_config import METRICS, Config, ConfigError, add_override_args, overrides_from_args
-from trainer.callbacks.layers import prunable_layers, resolve
-from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_trainer, load_trained_model, one_device
+from logger import setup_logging
+from parse_config import Config, ConfigError, add_override_args, overrides_from_args
+from trainer.callbacks import QUANTIZE_EPOCH, proposal_callbacks
 from utils import CheckpointError
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
 COLUMNS = ("layer", "kind", "value", "init", "top1_err", "top5_err", "loss")
 DEFAULT_KEEP_RATIOS = "1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1,0.05"
+
+
+# ------------------------------------------------------------------------------------- sweep values (CLI)
+def _range(text: str, flag: str, number: Callable[[str], float], ascending: bool) -> list[float]:
+    """``START:STOP:STEP`` (``START:STOP`` for integers: step 1), both ends included; STEP > 0 is a size and
+    the direction is fixed: keep ratios go down from dense, bits go up."""
+    parts = text.split(":")
+    if len(parts) == 2 and number is int:
+        parts.append("1")
+    try:
+        start, stop, step = (number(p) for p in parts) if len(parts) == 3 else (0, 0, 0)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: not a number range START:STOP:STEP") from None
+    if step <= 0:
+        raise ValueError(f"{flag} {text!r}: expected START:STOP:STEP with STEP > 0")
+    if (stop < start) if ascending else (stop > start):
+        example = "1:8" if ascending else "1.0:0.1:0.1"
+        raise ValueError(f"{flag} {text!r}: inverted range; it must go {'up' if ascending else 'down'}, e.g. {example}")
+    sign, count = (1 if ascending else -1), int(abs(stop - start) / step + 1e-9) + 1
+    return [round(start + sign * i * step, 6) for i in range(count)]
+
+
+def _values(text: str, flag: str, number: Callable[[str], float], ascending: bool) -> list[float]:
+    """Comma-separated numbers and ranges -> distinct values, sorted from the mildest point."""
+    values: list[float] = []
+    for item in (s.strip() for s in text.split(",")):
+        if ":" in item:
+            values += _range(item, flag, number, ascending)
+        elif item:
+            try:
+                values.append(number(item))
+            except ValueError:
+                kind = "an integer" if number is int else "a number"
+                raise ValueError(f"{flag} {text!r}: {item!r} is not {kind}") from None
+    if not values:
+        raise ValueError(f"{flag} {text!r}: empty list")
+    return sorted(set(values), reverse=not ascending)
+
+
+def parse_keep_ratios(text: str) -> list[float]:
+    """``"1.0,0.5,0.1"`` or ``"1.0:0.1:0.1"`` (descending range) -> distinct keep ratios, densest first.
+
+    Raises:
+        ValueError: not numbers, an empty list, an inverted range, or a ratio outside (0, 1].
+    """
+    values = _values(text, "--keep-ratios", float, ascending=False)
+    bad = [v for v in values if not 0.0 < v <= 1.0]
+    if bad:
+        raise ValueError(f"--keep-ratios {text!r}: keep ratios must be in (0, 1], got {bad}")
+    return values
+
+
+def parse_bits(text: str) -> list[int]:
+    """``"2,4,8"`` or ``"1:8"`` (ascending range) -> distinct bit widths, fewest first.
+
+    Raises:
+        ValueError: not integers, an empty list, an inverted range, or bits outside 1..16.
+    """
+    values = [int(v) for v in _values(text, "--bits", int, ascending=True)]
+    bad = [v for v in values if not 1 <= v <= MAX_BITS]
+    if bad:
+        raise ValueError(f"--bits {text!r}: bits must be in 1..{MAX_BITS}, got {bad}")
+    return values
+
+
+def parse_inits(text: str) -> list[str]:
+    """``"linear,density"`` -> k-means initialisations, in the given order.
+
+    Raises:
+        ValueError: an empty list or an unknown initialisation (the message lists the valid ones).
+    """
+    inits = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [i for i in inits if i not in INITS]
+    if not inits or unknown:
+        raise ValueError(f"--inits {text!r}: unknown or missing init {unknown}; valid inits: {', '.join(INITS)}")
+    return inits
 
 
 def _batches(text: str) -> int | float:
@@ -113,58 +191,22 @@ def select_layers(model: nn.Module, text: str | None) -> dict[str, nn.Module]:
     return {n: layers[n] for n in names}
 
 
-def make_evaluator(cfg: Config, model: nn.Module, split: str,
-                   limit_batches: float | None = None) -> Callable[[], Metrics]:
-    """One Trainer and one data module, reused: the returned function evaluates ``model`` as it is now.
-
-    Lightning moves the model to the accelerator for each call and back to the CPU afterwards, so the
-    sweep changes and restores weights wherever they are between calls. One device, no DDP.
-    """
-    config = {**cfg.model_dump(), "metrics": list(METRICS), "pretrained": None}  # both errors, always
-    lit_model = LitClassifier(model, config)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()  # read the data now: missing data fails here, before any output...
-    datamodule.setup("validate" if split == "val" else "test")
-    # ...and only once: a sweep calls validate() hundreds of times, and each would read it again.
-    datamodule.prepare_data = datamodule.setup = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    if split == "val" and len(datamodule.val_dataloader()) == 0:
-        raise ConfigError("the validation split is empty (data_loader.args.validation_split is 0): use --split test")
-    cfg.trainer.progress_bar = "none"  # the sweep has its own progress bar
-    limit = {f"limit_{'val' if split == 'val' else 'test'}_batches": limit_batches}  # None: all batches
-    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, **one_device(cfg), **limit)
-    run = trainer.validate if split == "val" else trainer.test
-    # Each call would log "epoch 0: val/top1_err ..." and, on a GPU, the visible devices, through the bar.
-    chatty = [get_logger("train"), logging.getLogger("lightning.pytorch.accelerators.cuda")]
-
-    def evaluate() -> Metrics:
-        levels = [logger.level for logger in chatty]
-        for logger in chatty:
-            logger.setLevel(logging.WARNING)
-        try:
-            metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]
-        finally:
-            for logger, level in zip(chatty, levels):
-                logger.setLevel(level)
-        return {name: float(metrics[f"{split}/{name}"]) for name in ("top1_err", "top5_err", "loss")}
-
-    return evaluate
-
-
 # ------------------------------------------------------------------------------------------------- outputs
 def sweep(layers: dict[str, nn.Module], points: list[Point], evaluate: Callable[[], Metrics], baseline: Metrics,
           seed: int, csv_path: Path) -> list[tuple[Point, Metrics]]:
-    """Runs the sweep with a progress bar (stderr), writing each CSV row as soon as it is measured."""
+    """Runs the sweep with a progress bar (stderr); ``csv_path`` appears, complete, when the sweep ends."""
     from tqdm import tqdm
 
     results = []
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
+    with atomic_open(csv_path) as raw:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
         writer.writerow(COLUMNS)
         for point, metrics in tqdm(run_sweeps(layers, points, evaluate, baseline, seed), total=len(points),
                                    desc="sensitivity", unit="point", file=sys.stderr, dynamic_ncols=True):
             writer.writerow([point.layer, point.kind, point.value, point.init, *(metrics[c] for c in COLUMNS[4:])])
-            f.flush()
             results.append((point, metrics))
+        raw.write(text.getvalue().encode("utf-8"))
     return results
 
 
@@ -200,7 +242,9 @@ def plot(kind: str, init: str, curves: dict[str, list[tuple[float, Metrics]]], b
     ax.set_ylabel("top-1 error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def write_figures(results: list[tuple[Point, Metrics]], baseline: Metrics, budget: float | None,
@@ -232,7 +276,7 @@ def write_proposal(results: list[tuple[Point, Metrics]], baseline: Metrics, laye
     applied to all layers at once is evaluated first (and the weights restored)."""
     sizes = {name: module.weight.numel() for name, module in layers.items()}
     proposal = propose(results, baseline["top1_err"], args.budget, sizes)
-    fragment = callbacks_fragment(proposal["keep_ratio"], proposal["bits"], proposal["init"], args.seed)
+    fragment = proposal_callbacks(proposal["keep_ratio"], proposal["bits"], proposal["init"], args.seed)
     report = {"checkpoint": str(args.resume), "split": args.split, "budget": args.budget, "baseline": baseline,
               **proposal, "callbacks": fragment,
               "needs_max_epochs": QUANTIZE_EPOCH + 1 if len(fragment) == 2 else 1}
@@ -242,8 +286,8 @@ def write_proposal(results: list[tuple[Point, Metrics]], baseline: Metrics, laye
         report["check"] = {stage: {**m, "added_top1_err": m["top1_err"] - baseline["top1_err"],
                                    "within_budget": m["top1_err"] <= proposal["limit"] + BUDGET_TOL}
                            for stage, m in joint.items()}
-    (out_dir / "proposal.json").write_text(json.dumps(fragment, indent=2) + "\n")
-    (out_dir / "proposal_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / "proposal.json", json.dumps(fragment, indent=2) + "\n")
+    atomic_write_text(out_dir / "proposal_report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -284,7 +328,7 @@ def analyse(args: argparse.Namespace) -> tuple[Metrics, dict[str, Any] | None, l
         raise ConfigError(f"--out {out_dir}: cannot create the folder: {err.strerror}") from None
     evaluate = make_evaluator(cfg, model, args.split, args.limit_batches)
     baseline = evaluate()
-    (out_dir / "baseline.json").write_text(json.dumps({"split": args.split, **baseline}, indent=2) + "\n")
+    atomic_write_text(out_dir / "baseline.json", json.dumps({"split": args.split, **baseline}, indent=2) + "\n")
     points = sweep_points(layers, settings["kinds"], settings["keep_ratios"], settings["bits"], settings["inits"])
     results = sweep(layers, points, evaluate, baseline, args.seed, out_dir / "sensitivity.csv")
     files = [out_dir / "sensitivity.csv", out_dir / "baseline.json",

@@ -14,13 +14,13 @@ from typing import Any
 
 from torch import nn
 
+from builders import load_trained_model, make_evaluator
+from compression.model_file import CompressedFileError
 from data import DataNotFoundError
-from dcz import CompressedFileError, is_compressed_file, read_compressed
 from logger import setup_logging
 from parse_config import (Config, ConfigError, add_override_args, apply_overrides, overrides_from_args, parse_config,
                           read_json)
-from trainer.lit_model import LitClassifier
-from trainer.trainer import build_datamodule, build_trainer, load_trained_model, one_device
+from trainer.export import is_compressed_file, read_compressed
 from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileError)
@@ -64,22 +64,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the checkpoint or .dcz file into a fresh model and evaluates it; returns the figures."""
     ckpt_path = Path(args.resume)
     model, cfg, info = load_model(args)
-    cfg.pretrained = None
-    lit_model = LitClassifier(model, cfg.model_dump())
-    datamodule = build_datamodule(cfg)
-    if args.json:
-        cfg.trainer.progress_bar = "none"  # stdout carries only the JSON object
-    # Evaluate the whole split, whatever smoke-run limits the training config had.
-    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, limit_val_batches=1.0,
-                            limit_test_batches=1.0, **one_device(cfg))
-    # The "test" stage logs test/*; validating a checkpoint reuses the val loop and its val/* keys.
-    run = trainer.test if args.split == "test" else trainer.validate
-    metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]
+    # The whole split, whatever smoke-run limits the training config had; with --json stdout carries only
+    # the JSON object, so no progress bar.
+    metrics = make_evaluator(cfg, model, args.split, quiet=args.json)()
     total, nonzero = count_parameters(model)
     out: dict[str, Any] = {"checkpoint": str(ckpt_path), "split": args.split, "arch": cfg.arch.type,
                            "dataset": cfg.data_loader.type, **info}
     for name in ("loss", *cfg.metrics):
-        out[name] = float(metrics[f"{args.split}/{name}"])
+        out[name] = metrics[name]
     out.update(params=total, nonzero=nonzero, kept_pct=100.0 * nonzero / total, layers=layer_sparsity(model))
     return out
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from builders import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
+from compression.model_file import IndexBits
 from data import DataNotFoundError
-from dcz import encode_checkpoint
 from logger import get_logger, setup_logging
 from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
-from trainer.trainer import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
+from trainer.export import encode_checkpoint
 from utils import CheckpointError, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
@@ -94,16 +95,16 @@ def train(args: argparse.Namespace) -> int:
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
     compressed = lit_model.masks or len(lit_model.compression.codebooks)
     if cfg.export.enabled and compressed and trainer.is_global_zero:
-        export(trainer, run_dir)
+        export(trainer, run_dir, cfg.export.index_bits)
     return 0
 
 
-def export(trainer: pl.Trainer, run_dir: Path) -> None:
+def export(trainer: pl.Trainer, run_dir: Path, index_bits: IndexBits) -> None:
     """Writes model.dcz and compression_report.{md,json} for the best checkpoint (else the last one)."""
     log = get_logger("train")
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     source = Path(best_path) if best_path and Path(best_path).is_file() else run_dir / "last.ckpt"
-    out, report = encode_checkpoint(source, run_dir / "model.dcz")
+    out, report = encode_checkpoint(source, run_dir / "model.dcz", index_bits)
     f, t = report["file"], report["paper_total"]
     log.info(f"wrote {out} from {source.name}: {f['bytes']:,} bytes, {f['rate']:.1f}x smaller than the dense "
              f"float32 parameters ({f['dense_float32_bytes']:,} bytes); paper's accounting P+Q {t['rate_pq']:.1f}x, "

@@ -36,11 +36,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The ``nn.Module`` weights of a ``LitClassifier`` checkpoint (the ``model.`` prefix removed)."""
-    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-
-
 def layer_sparsity(model: nn.Module) -> list[dict[str, Any]]:
     """Per ``Linear``/``Conv2d`` weight: name, shape, total, non-zero, % kept and std (Distiller's summary)."""
     rows = []

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compression.kmeans import kmeans_1d  # noqa: E402
 from compression.pruning import magnitude_mask  # noqa: E402
-from dcz import read_compressed, save_compressed  # noqa: E402
+from trainer.export import read_compressed, save_compressed  # noqa: E402
 from models import AlexNet  # noqa: E402
 
 

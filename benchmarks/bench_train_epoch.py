@@ -33,7 +33,7 @@ from models import LeNet300  # noqa: E402
 from parse_config import parse_config  # noqa: E402
 from trainer.lean import NullProfiler  # noqa: E402
 from trainer.lit_model import LitClassifier  # noqa: E402
-from trainer.trainer import build_trainer  # noqa: E402
+from builders import build_trainer  # noqa: E402
 
 # Wall time by default; --clock cpu switches to the process's CPU time (all its threads), which leaves out
 # the time this shared VM's other tenants take from us: with --threads 1 it is the work each side does.

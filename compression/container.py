@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 import zlib
 from typing import BinaryIO
+
+from compression.atomic import atomic_open
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -104,35 +105,9 @@ def write_container(path: str | os.PathLike, header: dict, sections: list[tuple[
     """
     header_bytes = _encode_header(header)
     names = _encode_names(sections)
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            written = _write_body(f, header_bytes, names, sections)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_folder(os.path.dirname(path) or ".")
+    with atomic_open(path) as f:
+        written = _write_body(f, header_bytes, names, sections)
     return written
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes the rename itself durable where the OS allows it (POSIX); best effort elsewhere."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _Reader:

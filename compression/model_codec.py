@@ -25,7 +25,7 @@ import torch
 
 from compression import huffman
 from compression.quantization import dequantize
-from compression.sparse_index import encode_positions
+from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, encode_positions
 
 RAW_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "float16": np.dtype("<f2"),
               "int64": np.dtype("<i8"), "int32": np.dtype("<i4")}
@@ -80,7 +80,7 @@ def _stream(symbols: np.ndarray, alphabet: int) -> tuple[bytes, float, float, in
 
 def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None,
                   codebook: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                  index_bits: int = 5) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
+                  index_bits: int = DEFAULT_INDEX_BITS) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
     """Encodes one tensor: ``raw`` without a mask, ``sparse`` with a mask, ``quantized`` with a codebook too.
 
     Args:
@@ -206,7 +206,7 @@ def _int_field(entry: dict[str, Any], key: str) -> int:
 def _positions(entry: dict[str, Any], data: bytes, numel: int) -> np.ndarray:
     """Absolute position of every entry (fillers included), validated against the tensor size."""
     bits = entry.get("index_bits")
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_INDEX_BITS:
         raise ValueError(f"{entry.get('name')}: bad index_bits {bits!r}")
     stream = huffman.HuffmanStream.from_bytes(data)
     if stream.n_symbols != entry.get("entries") or stream.n_symbols > max(numel, 0):

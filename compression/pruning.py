@@ -12,7 +12,9 @@ import math
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
+CRITERIA = ("magnitude", "std", "global")
 SCHEDULES = ("one_shot", "epochs", "every", "gradual")
 
 
@@ -153,3 +155,48 @@ def keep_ratio_at(step: int, n_steps: int, target: float, gradual: bool = False)
 def adjusted_dropout(p_original: float, keep_ratio: float) -> float:
     """Han 2015 §3.5: ``D_r = D_o · sqrt(C_ir / C_io)``, the connection ratio being the layer's keep-ratio."""
     return p_original * math.sqrt(keep_ratio)
+
+
+def step_masks(criterion: str, weights: Mapping[str, torch.Tensor], targets: Mapping[str, float], step: int,
+               n_steps: int, gradual: bool, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks of pruning step ``step`` (0-based) of ``n_steps``, each a subset of the current one.
+
+    Args:
+        criterion: ``magnitude`` (each tensor to ``keep_ratio_at`` its target), ``std`` (Han's threshold,
+            the quality parameter growing to its target with ``progress``) or ``global`` (one threshold over
+            all tensors; every target is the same keep ratio).
+        weights: The tensors to prune, by parameter name.
+        targets: Final keep ratio (``magnitude``, ``global``) or sensitivity (``std``) per tensor.
+        gradual: Zhu & Gupta's cubic schedule instead of the geometric one (``keep_ratio_at``).
+        masks: The current masks (a tensor without one is unpruned).
+    """
+    if criterion == "global":
+        keep = keep_ratio_at(step, n_steps, float(next(iter(targets.values()))), gradual)
+        return global_magnitude_masks(weights, keep, masks)
+    out = {}
+    for name, weight in weights.items():
+        if criterion == "std":
+            out[name] = std_threshold_mask(weight, targets[name] * progress(step, n_steps), masks.get(name))
+        else:
+            out[name] = magnitude_mask(weight, keep_ratio_at(step, n_steps, targets[name], gradual), masks.get(name))
+    return out
+
+
+def adjust_dropout_(model: nn.Module, masks: Mapping[str, torch.Tensor], original_p: dict[str, float]) -> None:
+    """Sets each ``nn.Dropout`` that directly precedes a pruned layer in a ``Sequential`` (AlexNet's and
+    VGG's classifiers) to ``adjusted_dropout`` of its original rate and that layer's keep ratio (§3.5).
+
+    Args:
+        model: The network (changed in place).
+        masks: Pruning masks by parameter name.
+        original_p: ``{dropout module name: original rate}``, filled on first sight and reused afterwards,
+            so repeated steps (and a resume) scale the original rate, never an already scaled one.
+    """
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (drop_name, drop), (layer_name, _) in zip(children, children[1:]):
+            weight = f"{parent_name}.{layer_name}.weight".lstrip(".")
+            if isinstance(drop, nn.Dropout) and weight in masks:
+                key = f"{parent_name}.{drop_name}".lstrip(".")
+                original_p.setdefault(key, drop.p)
+                drop.p = adjusted_dropout(original_p[key], float(masks[weight].float().mean()))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+MAX_BITS = 16  # bits per shared weight: 1..16 (at most 2**16 centroids; the Huffman alphabet's limit too)
+DEFAULT_BITS = {"Conv2d": 8, "Linear": 5}  # the paper's AlexNet / VGG-16 setting (LeNet-300-100: 6)
+
 
 def dequantize(codebook: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The dense weight: ``codebook[index]`` at the True entries of ``mask`` (row-major order), 0 elsewhere.

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compression.kmeans import INITS, kmeans_1d
+from compression.kmeans import kmeans_1d
 from compression.pruning import magnitude_mask
 
 KINDS = ("prune", "quantize")
-MAX_BITS = 16  # the Quantization callback's limit
 BUDGET_TOL = 1e-6  # errors are float32 percentages: "within budget" forgives rounding at the boundary
 
 Metrics = dict[str, float]  # {"top1_err": %, "top5_err": %, "loss": ...}
@@ -34,82 +33,6 @@ class Point:
     kind: str  # "prune" or "quantize"
     value: float | int  # keep ratio in (0, 1] or bits in 1..16
     init: str = ""  # k-means initialisation ("quantize" only)
-
-
-# ------------------------------------------------------------------------------------------ sweep values
-def _range(text: str, flag: str, number: Callable[[str], float], ascending: bool) -> list[float]:
-    """``START:STOP:STEP`` (``START:STOP`` for integers: step 1), both ends included; STEP > 0 is a size and
-    the direction is fixed: keep ratios go down from dense, bits go up."""
-    parts = text.split(":")
-    if len(parts) == 2 and number is int:
-        parts.append("1")
-    try:
-        start, stop, step = (number(p) for p in parts) if len(parts) == 3 else (0, 0, 0)
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: not a number range START:STOP:STEP") from None
-    if step <= 0:
-        raise ValueError(f"{flag} {text!r}: expected START:STOP:STEP with STEP > 0")
-    if (stop < start) if ascending else (stop > start):
-        example = "1:8" if ascending else "1.0:0.1:0.1"
-        raise ValueError(f"{flag} {text!r}: inverted range; it must go {'up' if ascending else 'down'}, e.g. {example}")
-    sign, count = (1 if ascending else -1), int(abs(stop - start) / step + 1e-9) + 1
-    return [round(start + sign * i * step, 6) for i in range(count)]
-
-
-def _values(text: str, flag: str, number: Callable[[str], float], ascending: bool) -> list[float]:
-    """Comma-separated numbers and ranges -> distinct values, sorted from the mildest point."""
-    values: list[float] = []
-    for item in (s.strip() for s in text.split(",")):
-        if ":" in item:
-            values += _range(item, flag, number, ascending)
-        elif item:
-            try:
-                values.append(number(item))
-            except ValueError:
-                kind = "an integer" if number is int else "a number"
-                raise ValueError(f"{flag} {text!r}: {item!r} is not {kind}") from None
-    if not values:
-        raise ValueError(f"{flag} {text!r}: empty list")
-    return sorted(set(values), reverse=not ascending)
-
-
-def parse_keep_ratios(text: str) -> list[float]:
-    """``"1.0,0.5,0.1"`` or ``"1.0:0.1:0.1"`` (descending range) -> distinct keep ratios, densest first.
-
-    Raises:
-        ValueError: not numbers, an empty list, an inverted range, or a ratio outside (0, 1].
-    """
-    values = _values(text, "--keep-ratios", float, ascending=False)
-    bad = [v for v in values if not 0.0 < v <= 1.0]
-    if bad:
-        raise ValueError(f"--keep-ratios {text!r}: keep ratios must be in (0, 1], got {bad}")
-    return values
-
-
-def parse_bits(text: str) -> list[int]:
-    """``"2,4,8"`` or ``"1:8"`` (ascending range) -> distinct bit widths, fewest first.
-
-    Raises:
-        ValueError: not integers, an empty list, an inverted range, or bits outside 1..16.
-    """
-    values = [int(v) for v in _values(text, "--bits", int, ascending=True)]
-    bad = [v for v in values if not 1 <= v <= MAX_BITS]
-    if bad:
-        raise ValueError(f"--bits {text!r}: bits must be in 1..{MAX_BITS}, got {bad}")
-    return values
-
-
-def parse_inits(text: str) -> list[str]:
-    """``"linear,density"`` -> k-means initialisations, in the given order.
-
-    Raises:
-        ValueError: an empty list or an unknown initialisation (the message lists the valid ones).
-    """
-    inits = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    unknown = [i for i in inits if i not in INITS]
-    if not inits or unknown:
-        raise ValueError(f"--inits {text!r}: unknown or missing init {unknown}; valid inits: {', '.join(INITS)}")
-    return inits
 
 
 def sweep_points(layers: Iterable[str], kinds: Iterable[str], keep_ratios: list[float], bits: list[int],
@@ -219,10 +142,6 @@ def check_jointly(layers: Mapping[str, nn.Module], keep_ratio: Mapping[str, floa
 
 
 # ------------------------------------------------------------------------------------------ budget proposal
-PRUNE_EPOCH = 0  # the proposal prunes one-shot at the start of the first epoch...
-QUANTIZE_EPOCH = 1  # ...and clusters one epoch later, so pruning gets one epoch of retraining first
-
-
 def _mildest_run(curve: Mapping[float, float], limit: float, values: Iterable[float]) -> float | None:
     """Walks ``values`` from the mildest (densest / most bits) to the harshest and returns the last one
     reached before the first point whose error exceeds ``limit`` (None: already the mildest does)."""
@@ -283,21 +202,3 @@ def propose(results: Iterable[tuple[Point, Metrics]], baseline_top1: float, budg
         row["quantize_top1_err"] = curves["quantize", init, n][row["bits"]] if row["bits"] else None
     return {"limit": limit, "keep_ratio": keep_ratio, "init": init, "bits": bits, "bits_by_init": by_init,
             "layers": layers}
-
-
-def callbacks_fragment(keep_ratio: Mapping[str, float], bits: Mapping[str, int], init: str | None,
-                       seed: int = 0) -> dict[str, dict]:
-    """The ``trainer.callbacks`` entries that apply a proposal: one-shot magnitude pruning at epoch
-    ``PRUNE_EPOCH``, then k-means at epoch ``QUANTIZE_EPOCH`` (epoch 0 when nothing is pruned).
-
-    The run needs ``trainer.max_epochs`` of at least 2 with both callbacks (1 with one of them).
-    """
-    out: dict[str, dict] = {}
-    if keep_ratio:
-        out["IterativePruning"] = {"criterion": "magnitude", "keep_ratio": dict(keep_ratio),
-                                   "schedule": "one_shot", "start_epoch": PRUNE_EPOCH}
-    if bits:
-        out["Quantization"] = {"bits": dict(bits), "init": init, "epoch": QUANTIZE_EPOCH if keep_ratio else 0}
-        if seed:
-            out["Quantization"]["seed"] = seed
-    return out

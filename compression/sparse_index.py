@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_INDEX_BITS = 16
+MAX_INDEX_BITS = 16  # widest relative index: a gap field of 1..16 bits
+DEFAULT_INDEX_BITS = 5  # the paper's width for LeNet and VGG fc layers (4 for AlexNet fc, 8 for conv)
+AUTO_INDEX_BITS = range(2, 13)  # widths tried by index_bits="auto" (beyond the paper: smallest file)
 
 
-def _check_index_bits(index_bits: int) -> int:
+def check_index_bits(index_bits: int) -> int:
     if isinstance(index_bits, bool) or not isinstance(index_bits, (int, np.integer)) \
             or not 1 <= index_bits <= MAX_INDEX_BITS:
         raise ValueError(f"index_bits must be an int in 1..{MAX_INDEX_BITS}, got {index_bits!r}")
@@ -46,7 +48,7 @@ def encode_positions(positions: np.ndarray, index_bits: int) -> tuple[np.ndarray
     Raises:
         ValueError: on a bad ``index_bits`` or positions that are negative or not strictly increasing.
     """
-    bits = _check_index_bits(index_bits)
+    bits = check_index_bits(index_bits)
     positions = _as_int_vector(positions, "positions")
     if not positions.size:
         return np.zeros(0, np.int64), np.zeros(0, bool)
@@ -82,7 +84,7 @@ def decode_positions(rel: np.ndarray, filler: np.ndarray, index_bits: int) -> np
         ValueError: on a bad ``index_bits``, mismatched lengths, a non-bool ``filler`` or ``rel``
             values outside ``[0, 2**index_bits - 1]``.
     """
-    bits = _check_index_bits(index_bits)
+    bits = check_index_bits(index_bits)
     rel = _as_int_vector(rel, "rel")
     filler = np.asarray(filler)
     if filler.shape != rel.shape or (filler.size and filler.dtype != bool):

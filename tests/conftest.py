@@ -1,51 +1,22 @@
-"""Shared fixtures: tiny MNIST-format datasets written as real idx files, and a matching config."""
+"""Shared fixtures: a tiny MNIST-format dataset written as real idx files, and a config file for it."""
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
-import struct
-import sys
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
-import lightning.pytorch as pl
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import tiny_config, write_mnist_folder
 
 
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    """Writes ``array`` (uint8) in the idx format MNIST ships in (magic 0x0000_08_<ndim>, big-endian dims)."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(payload))
-    else:
-        path.write_bytes(payload)
+@pytest.fixture(autouse=True)
+def no_system_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never fall back on a dataset installed on the machine (/usr/share/datasets/...): "not found"
+    must mean not found, and a run must read the tiny data it was given. Lookup tests set their own."""
+    import data
 
-
-def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n 28x28 images whose class is drawn as a bright horizontal band (learnable in a few epochs)."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-    for i, y in enumerate(labels):
-        images[i, 2 + 2 * y: 4 + 2 * y, :] = 250
-    return images, labels
-
-
-def write_mnist_folder(folder: Path, n_train: int = 320, n_test: int = 80, gz: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = make_images(n, seed)
-        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
-    return folder
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
 
 
 @pytest.fixture(scope="session")
@@ -54,42 +25,8 @@ def idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mnist_folder(tmp_path_factory.mktemp("fmnist"))
 
 
-def tiny_config(idx_dir: Path, save_dir: Path, **trainer: Any) -> dict[str, Any]:
-    return {
-        "name": "tiny",
-        "seed": 7,
-        "arch": {"type": "LeNet300", "args": {}},
-        "data_loader": {"type": "FashionMNIST", "args": {"data_dir": str(idx_dir), "download": False,
-                                                         "batch_size": 32, "validation_split": 0.2}},
-        "optimizer": {"type": "SGD", "args": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005}},
-        "lr_scheduler": {"type": "StepLR", "args": {"step_size": 1, "gamma": 0.5}},
-        "trainer": {"max_epochs": 2, "save_dir": str(save_dir), "accelerator": "cpu", "devices": 1,
-                    "progress_bar": "none", "log_every_n_steps": 1, **trainer},
-    }
-
-
 @pytest.fixture()
 def config_file(tmp_path: Path, idx_dir: Path) -> Path:
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(tiny_config(idx_dir, tmp_path / "runs")))
     return path
-
-
-def load_script(name: str) -> ModuleType:
-    """Imports a top-level script (``train.py``, ``test.py``) by path; ``test`` would clash with the stdlib."""
-    spec = importlib.util.spec_from_file_location(f"dc_script_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-class StopAfter(pl.Callback):
-    """Interrupts a fit at the end of an epoch, as a killed job would after its last checkpoint."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True

@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from parse_config import parse_config
 from trainer import compression_state
 from trainer.compression_state import CompressionState
 from trainer.lit_model import LitClassifier
-from trainer.trainer import build_model
+from builders import build_model
 
 
 def small_model() -> torch.nn.Module:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny_config
+from helpers import ROOT, load_script, tiny_config
 from parse_config import (ConfigError, apply_overrides, instantiate, load_config, make_run_dir, parse_config,
                           read_json)
 
@@ -37,17 +37,19 @@ def test_valid_config_resolves_num_classes_from_data(raw: dict[str, Any]) -> Non
     ("data_loader.type", "SVHN", r"data_loader\.type: unknown type; valid types: MNIST, FashionMNIST"),
     ("optimizer.type", "Adagrad", r"optimizer\.type: unknown type; valid types: SGD, Adam"),
     ("lr_scheduler.type", "OneCycleLR", r"lr_scheduler\.type: unknown type"),
-    ("trainer.callbacks", {"Pruning": {}}, r"trainer\.callbacks: unknown callback 'Pruning'; valid callbacks:"),
-    ("trainer.max_epochs", "3", r"trainer\.max_epochs: Input should be a valid integer"),
-    ("trainer.max_epochs", 0, r"trainer\.max_epochs: Input should be greater than or equal to 1 \(got 0\)"),
-    ("trainer.deterministic", 1, r"trainer\.deterministic: Input should be a valid boolean"),
-    ("trainer.precision", "16", r"trainer\.precision: Input should be '32-true', '16-mixed'"),
-    ("trainer.accelerator", "npu", r"trainer\.accelerator: Input should be 'auto', 'cpu'"),
+    ("trainer.callbacks", {"Pruning": {}}, r"trainer\.callbacks\.Pruning: unknown key; valid keys here: IterativePruning, Quantization"),
+    ("trainer.max_epochs", "3", r"trainer\.max_epochs: expected an integer \(got \"3\"\)"),
+    ("trainer.max_epochs", 0, r"trainer\.max_epochs: must be >= 1 \(got 0\)"),
+    ("trainer.deterministic", 1, r"trainer\.deterministic: expected true or false \(got 1\)"),
+    ("trainer.precision", "16", r"trainer\.precision: must be one of '32-true', '16-mixed'"),
+    ("trainer.accelerator", "npu", r"trainer\.accelerator: must be one of 'auto', 'cpu'"),
+    ("trainer.min_epochs", 3, r"trainer: min_epochs \(3\) must not exceed max_epochs \(2\)"),
+    ("export.index_bits", {"Linear": 17}, r"export\.index_bits: index bits must be in 1\.\.16 or 'auto', got 17"),
     ("trainer.monitor", "val/loss", r"trainer\.monitor: must be '<min\|max> <metric>'"),
     ("trainer.monitor", "min val/acc", r"trainer\.monitor: metric 'val/acc' is not logged; choose one of"),
-    ("loss", "mse", r"loss: Input should be 'cross_entropy'"),
-    ("metrics", ["accuracy"], r"metrics\[0\]: Input should be 'top1_err' or 'top5_err'"),
-    ("name", "my run/1", r"name: String should match pattern"),
+    ("loss", "mse", r"loss: must be one of 'cross_entropy'"),
+    ("metrics", ["accuracy"], r"metrics\[0\]: must be one of 'top1_err' or 'top5_err'"),
+    ("name", "my run/1", r"name: must match the pattern"),
     ("optimizer.args.lrr", 0.1, r"optimizer\.args\.lrr: unknown argument for SGD; valid arguments: lr, momentum"),
     ("optimizer.args.lr", -1, r"optimizer\.args: SGD rejected .*Invalid learning rate: -1"),
     ("optimizer.args.lr", "fast", r"optimizer\.args\.lr: expected"),
@@ -112,7 +114,7 @@ def test_run_dirs_never_collide(raw: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (["--set", "trainer.max_epochs=0"], "trainer.max_epochs: Input should be greater than or equal to 1"),
+    (["--set", "trainer.max_epochs=0"], "trainer.max_epochs: must be >= 1 (got 0)"),
     (["--set", "trainer.max_epochs"], "expected KEY=VALUE"),
     (["--lr", "-1"], "Invalid learning rate"),
     (["--bs", "0"], "batch_size must be >= 1"),
@@ -136,7 +138,7 @@ def test_train_cli_errors_exit_2(config_file: Path, args: list[str], match: str,
 
 @pytest.mark.parametrize(("devices", "expected"), [(2, 1), ("auto", 1), ([3, 1], [3]), ("1,2", [1])])
 def test_evaluation_uses_one_device_of_the_configured_ones(raw: dict[str, Any], devices: Any, expected: Any) -> None:
-    from trainer.trainer import one_device
+    from builders import one_device
 
     assert one_device(parse_config(set_key(raw, "trainer.devices", devices))) == {"devices": expected,
                                                                                  "strategy": "auto"}
@@ -164,9 +166,9 @@ def test_cli_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")) + [ROOT / "config.json"],
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:
-    from trainer.trainer import build_config_callbacks, build_model
+    from builders import build_config_callbacks, build_model
 
     cfg = parse_config(read_json(path))
     assert cfg.trainer.accelerator == "auto"  # shipped configs must run on CPU and GPU alike
     callbacks = build_config_callbacks(cfg, build_model(cfg))  # layer names and epochs fit the model
-    assert len(callbacks) == len(cfg.trainer.callbacks)
+    assert len(callbacks) == len(cfg.trainer.callbacks.items())

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from compression.model_codec import decode_tensor, encode_tensor
-from conftest import load_script, tiny_config
-from dcz import CompressedFileError, encode_checkpoint, read_compressed, save_compressed
+from helpers import load_script, tiny_config
+import dcz
+from dcz import CompressedFileError, read_compressed, save_compressed
+from trainer.export import encode_checkpoint
 from models import LeNet5, LeNet300
 
 train = load_script("train")
@@ -163,8 +165,10 @@ def test_train_writes_dcz_and_test_py_gives_identical_results(tmp_path: Path, id
     for name, value in decoded.state_dict().items():
         assert torch.equal(value.view(torch.int32), ckpt["state_dict"][f"model.{name}"].view(torch.int32)), name
     assert header["class_names"][:2] == ["T-shirt/top", "Trouser"] and len(header["class_names"]) == 10
-    # dcz.py encode does the same for any checkpoint.
-    out, again = encode_checkpoint(run / "best.ckpt", tmp_path / "again.dcz")
+    # dcz.py encode does the same for any checkpoint, with the index width of the checkpoint's config.
+    assert dcz.main(["encode", str(run / "best.ckpt"), "--out", str(tmp_path / "again.dcz")]) == 0
+    assert (tmp_path / "again.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+    out, again = encode_checkpoint(run / "best.ckpt", tmp_path / "auto.dcz", "auto")
     assert again["file"]["bytes"] == os.path.getsize(out) and (tmp_path / "compression_report.md").is_file()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 
 @pytest.mark.slow

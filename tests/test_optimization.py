@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import TQDMProgressBar as LightningTQDMProgressBar
 
-from conftest import load_script, tiny_config
+from helpers import load_script, tiny_config
 from parse_config import parse_config
 from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
-from trainer.trainer import build_trainer
+from builders import build_trainer
 
 train = load_script("train")
 

@@ -106,3 +106,19 @@ def test_gradual_cubic_schedule_values() -> None:
 def test_adjusted_dropout() -> None:
     # Han 2015 §3.5: D_r = D_o sqrt(C_ir / C_io); keeping 9 % of fc6 turns 0.5 into 0.15.
     assert adjusted_dropout(0.5, 0.09) == pytest.approx(0.15)
+
+
+def test_adjust_dropout_follows_the_papers_rule_without_compounding() -> None:
+    from collections import OrderedDict
+
+    from compression.pruning import adjust_dropout_
+
+    model = torch.nn.Sequential(OrderedDict(drop=torch.nn.Dropout(0.5), fc=torch.nn.Linear(10, 10)))
+    original: dict[str, float] = {}
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask.view(-1)[:36] = True  # 36 % kept: D_r = 0.5 * sqrt(0.36) = 0.3
+    adjust_dropout_(model, {"fc.weight": mask}, original)
+    assert model.drop.p == pytest.approx(0.3) and original == {"drop": 0.5}
+    mask.view(-1)[9:] = False  # 9 % kept: from the ORIGINAL rate, 0.5 * 0.3 = 0.15
+    adjust_dropout_(model, {"fc.weight": mask}, original)
+    assert model.drop.p == pytest.approx(0.15)

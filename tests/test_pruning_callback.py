@@ -11,37 +11,26 @@ from typing import Any
 import pytest
 import torch
 
-import trainer.trainer as trainer_module
-from conftest import ROOT, StopAfter, load_script, tiny_config
+import builders as trainer_module
+from helpers import ROOT, StopAfter, load_ckpt, load_script, only_run, tiny_config, write_config
 
 train = load_script("train")
 test = load_script("test")
+
+
+def write_pruning(tmp_path: Path, idx_dir: Path, name: str, pruning: dict[str, Any], **trainer: Any) -> Path:
+    return write_config(tmp_path, idx_dir, name, {"IterativePruning": pruning}, **trainer)
+
+
 PAPER_LENET300 = {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26}  # Han 2015 Table 2
-
-
-def write(tmp_path: Path, idx_dir: Path, name: str, pruning: dict[str, Any], **trainer: Any) -> Path:
-    cfg = tiny_config(idx_dir, tmp_path / name, **trainer)
-    cfg["trainer"]["callbacks"] = {"IterativePruning": pruning}
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def only_run(save_dir: Path) -> Path:
-    (run,) = sorted((save_dir / "tiny").iterdir())
-    return run
-
-
-def state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)
 
 
 def test_paper_ratios_reached_exactly_and_zeros_stay_zero(tmp_path: Path, idx_dir: Path) -> None:
     # Prune at epoch 0 and 1 (geometric steps), then one more epoch of retraining with momentum + weight decay.
-    path = write(tmp_path, idx_dir, "p", {"keep_ratio": PAPER_LENET300, "schedule": "epochs", "epochs": [0, 1]},
+    path = write_pruning(tmp_path, idx_dir, "p", {"keep_ratio": PAPER_LENET300, "schedule": "epochs", "epochs": [0, 1]},
                  max_epochs=3)
     assert train.main(["-c", str(path)]) == 0
-    ckpt = state(only_run(tmp_path / "p") / "last.ckpt")
+    ckpt = load_ckpt(only_run(tmp_path / "p") / "last.ckpt")
     weights, masks = ckpt["state_dict"], ckpt["masks"]
     for layer, keep in PAPER_LENET300.items():
         w, mask = weights[f"model.{layer}.weight"], masks[f"{layer}.weight"]
@@ -55,31 +44,31 @@ def test_paper_ratios_reached_exactly_and_zeros_stay_zero(tmp_path: Path, idx_di
 
 
 def test_zeros_stay_zero_under_adam(tmp_path: Path, idx_dir: Path) -> None:
-    path = write(tmp_path, idx_dir, "adam", {"keep_ratio": 0.1}, max_epochs=2)
+    path = write_pruning(tmp_path, idx_dir, "adam", {"keep_ratio": 0.1}, max_epochs=2)
     cfg = json.loads(path.read_text())
     cfg["optimizer"] = {"type": "Adam", "args": {"lr": 0.01, "weight_decay": 0.001}}
     path.write_text(json.dumps(cfg))
     assert train.main(["-c", str(path)]) == 0
-    ckpt = state(only_run(tmp_path / "adam") / "last.ckpt")
+    ckpt = load_ckpt(only_run(tmp_path / "adam") / "last.ckpt")
     for name, mask in ckpt["masks"].items():
         assert torch.count_nonzero(ckpt["state_dict"][f"model.{name}"][~mask]) == 0
 
 
 def test_std_criterion_and_global_criterion_run(tmp_path: Path, idx_dir: Path) -> None:
-    path = write(tmp_path, idx_dir, "std", {"criterion": "std", "sensitivity": {"Linear": 1.0, "fc3": 0.5}},
+    path = write_pruning(tmp_path, idx_dir, "std", {"criterion": "std", "sensitivity": {"Linear": 1.0, "fc3": 0.5}},
                  max_epochs=1)
     assert train.main(["-c", str(path)]) == 0
-    masks = state(only_run(tmp_path / "std") / "last.ckpt")["masks"]
+    masks = load_ckpt(only_run(tmp_path / "std") / "last.ckpt")["masks"]
     assert set(masks) == {"fc1.weight", "fc2.weight", "fc3.weight"}
     # Pruned at the start of epoch 0, on PyTorch's uniform init U(-a, a) whose std is a/sqrt(3):
     # |w| >= s*std keeps 1 - s/sqrt(3) of a layer: 42.3 % for s = 1 (fc1), 71.1 % for s = 0.5 (fc3).
     assert float(masks["fc1.weight"].float().mean()) == pytest.approx(1 - 1 / 3 ** 0.5, abs=0.01)
     assert float(masks["fc3.weight"].float().mean()) == pytest.approx(1 - 0.5 / 3 ** 0.5, abs=0.03)
 
-    path = write(tmp_path, idx_dir, "global", {"criterion": "global", "keep_ratio": 0.1, "layers": ["fc1", "fc2"]},
+    path = write_pruning(tmp_path, idx_dir, "global", {"criterion": "global", "keep_ratio": 0.1, "layers": ["fc1", "fc2"]},
                  max_epochs=1)
     assert train.main(["-c", str(path)]) == 0
-    masks = state(only_run(tmp_path / "global") / "last.ckpt")["masks"]
+    masks = load_ckpt(only_run(tmp_path / "global") / "last.ckpt")["masks"]
     kept = int(masks["fc1.weight"].sum() + masks["fc2.weight"].sum())
     assert set(masks) == {"fc1.weight", "fc2.weight"} and kept == round(0.1 * (235_200 + 30_000))
 
@@ -87,7 +76,7 @@ def test_std_criterion_and_global_criterion_run(tmp_path: Path, idx_dir: Path) -
 def test_sparsity_is_logged_to_tensorboard(tmp_path: Path, idx_dir: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    path = write(tmp_path, idx_dir, "tb", {"keep_ratio": PAPER_LENET300}, max_epochs=1)
+    path = write_pruning(tmp_path, idx_dir, "tb", {"keep_ratio": PAPER_LENET300}, max_epochs=1)
     assert train.main(["-c", str(path)]) == 0
     events = EventAccumulator(str(only_run(tmp_path / "tb")))
     events.Reload()
@@ -100,16 +89,16 @@ def test_sparsity_is_logged_to_tensorboard(tmp_path: Path, idx_dir: Path) -> Non
 def test_resume_in_a_new_process_keeps_masks_and_prunes_on_schedule(
         tmp_path: Path, idx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pruning = {"keep_ratio": PAPER_LENET300, "schedule": "epochs", "epochs": [0, 2]}
-    straight = write(tmp_path, idx_dir, "straight", pruning, max_epochs=4)
+    straight = write_pruning(tmp_path, idx_dir, "straight", pruning, max_epochs=4)
     assert train.main(["-c", str(straight)]) == 0
 
-    interrupted = write(tmp_path, idx_dir, "interrupted", pruning, max_epochs=4)
+    interrupted = write_pruning(tmp_path, idx_dir, "interrupted", pruning, max_epochs=4)
     original = trainer_module.build_callbacks
     monkeypatch.setattr(trainer_module, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(1)])
     assert train.main(["-c", str(interrupted)]) == 0
     monkeypatch.undo()
     run = only_run(tmp_path / "interrupted")
-    after_one = state(run / "last.ckpt")
+    after_one = load_ckpt(run / "last.ckpt")
     assert after_one["epoch"] == 1
     first_masks = after_one["masks"]
     assert int(first_masks["fc1.weight"].sum()) == round(0.08 ** 0.5 * 235_200)  # step 1 of 2 only
@@ -117,7 +106,7 @@ def test_resume_in_a_new_process_keeps_masks_and_prunes_on_schedule(
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-r", str(run / "last.ckpt")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    resumed, expected = state(run / "last.ckpt"), state(only_run(tmp_path / "straight") / "last.ckpt")
+    resumed, expected = load_ckpt(run / "last.ckpt"), load_ckpt(only_run(tmp_path / "straight") / "last.ckpt")
     assert resumed["epoch"] == 3
     for name, mask in resumed["masks"].items():
         assert int(mask.sum()) == round(PAPER_LENET300[name.split(".")[0]] * mask.numel())  # step 2 happened
@@ -129,7 +118,7 @@ def test_resume_in_a_new_process_keeps_masks_and_prunes_on_schedule(
 
 def test_pruned_checkpoint_in_test_py_and_as_new_run_weights(tmp_path: Path, idx_dir: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, idx_dir, "p", {"keep_ratio": PAPER_LENET300}, max_epochs=1)
+    path = write_pruning(tmp_path, idx_dir, "p", {"keep_ratio": PAPER_LENET300}, max_epochs=1)
     assert train.main(["-c", str(path)]) == 0
     ckpt_path = only_run(tmp_path / "p") / "last.ckpt"
     capsys.readouterr()
@@ -142,8 +131,8 @@ def test_pruned_checkpoint_in_test_py_and_as_new_run_weights(tmp_path: Path, idx
     dense = tmp_path / "dense.json"
     dense.write_text(json.dumps(tiny_config(idx_dir, tmp_path / "retrain", max_epochs=1)))
     assert train.main(["-c", str(dense), "--weights", str(ckpt_path)]) == 0
-    retrained = state(only_run(tmp_path / "retrain") / "last.ckpt")
-    source = state(ckpt_path)
+    retrained = load_ckpt(only_run(tmp_path / "retrain") / "last.ckpt")
+    source = load_ckpt(ckpt_path)
     for name, mask in source["masks"].items():
         w = retrained["state_dict"][f"model.{name}"]
         assert torch.count_nonzero(w[~mask]) == 0
@@ -160,13 +149,13 @@ def test_pruned_checkpoint_in_test_py_and_as_new_run_weights(tmp_path: Path, idx
     ({"keep_ratio": 0.1, "layers": ["BatchNorm2d"]}, r"'BatchNorm2d' is not a prunable layer"),
     ({"criterion": "std", "keep_ratio": 0.1}, r"criterion 'std' needs sensitivity"),
     ({"criterion": "global", "keep_ratio": {"fc1": 0.1}}, r"criterion 'global' takes one keep_ratio"),
-    ({"criterion": "l1", "keep_ratio": 0.1}, r"IterativePruning\.criterion: expected"),
+    ({"criterion": "l1", "keep_ratio": 0.1}, r"IterativePruning\.criterion: must be one of 'magnitude', 'std' or 'global' \(got \"l1\"\)"),
     ({"keep_ratio": 0.1, "schedule": "epochs"}, r"schedule 'epochs' needs a non-empty 'epochs' list"),
-    ({"keep_ratio": 0.1, "amount": 0.5}, r"IterativePruning\.amount: unknown argument for IterativePruning"),
+    ({"keep_ratio": 0.1, "amount": 0.5}, r"IterativePruning\.amount: unknown key; valid keys here: criterion, keep_ratio"),
 ])
 def test_pruning_config_errors_before_training(tmp_path: Path, idx_dir: Path, pruning: dict[str, Any], match: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, idx_dir, "bad", pruning, max_epochs=2)
+    path = write_pruning(tmp_path, idx_dir, "bad", pruning, max_epochs=2)
     assert train.main(["-c", str(path)]) == 2
     assert __import__("re").search(match, capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()  # rejected before any run folder was made
@@ -174,28 +163,12 @@ def test_pruning_config_errors_before_training(tmp_path: Path, idx_dir: Path, pr
 
 def test_best_checkpoint_comes_from_after_the_last_pruning_step(tmp_path: Path, idx_dir: Path) -> None:
     # Epoch 0 at 28 % kept has the best validation error so far; best.ckpt must still be fully pruned.
-    path = write(tmp_path, idx_dir, "best", {"keep_ratio": PAPER_LENET300, "schedule": "epochs", "epochs": [0, 2]},
+    path = write_pruning(tmp_path, idx_dir, "best", {"keep_ratio": PAPER_LENET300, "schedule": "epochs", "epochs": [0, 2]},
                  max_epochs=3)
     assert train.main(["-c", str(path)]) == 0
-    best = state(only_run(tmp_path / "best") / "best.ckpt")
+    best = load_ckpt(only_run(tmp_path / "best") / "best.ckpt")
     assert best["epoch"] == 2
     assert int(best["state_dict"]["model.fc1.weight"].count_nonzero()) == 18_816
-
-
-def test_adjust_dropout_follows_the_papers_rule_without_compounding() -> None:
-    from collections import OrderedDict
-
-    from trainer.callbacks import IterativePruning
-
-    model = torch.nn.Sequential(OrderedDict(drop=torch.nn.Dropout(0.5), fc=torch.nn.Linear(10, 10)))
-    callback = IterativePruning(keep_ratio=0.09, adjust_dropout=True)
-    mask = torch.zeros(10, 10, dtype=torch.bool)
-    mask.view(-1)[:36] = True  # 36 % kept: D_r = 0.5 * sqrt(0.36) = 0.3
-    callback._adjust_dropout(model, {"fc.weight": mask})
-    assert model.drop.p == pytest.approx(0.3)
-    mask.view(-1)[9:] = False  # 9 % kept: from the ORIGINAL rate, 0.5 * 0.3 = 0.15
-    callback._adjust_dropout(model, {"fc.weight": mask})
-    assert model.drop.p == pytest.approx(0.15)
 
 
 def test_reset_weights_rewinds_survivors_to_their_initial_values(tmp_path: Path, idx_dir: Path) -> None:
@@ -204,13 +177,13 @@ def test_reset_weights_rewinds_survivors_to_their_initial_values(tmp_path: Path,
     from models import LeNet300
 
     # Train during epoch 0, prune + rewind at the start of epoch 1, where StepLR(gamma=0) stops all updates.
-    path = write(tmp_path, idx_dir, "lt", {"keep_ratio": 0.2, "schedule": "epochs", "epochs": [1],
+    path = write_pruning(tmp_path, idx_dir, "lt", {"keep_ratio": 0.2, "schedule": "epochs", "epochs": [1],
                                            "reset_weights": True}, max_epochs=2)
     cfg = json.loads(path.read_text())
     cfg["lr_scheduler"] = {"type": "StepLR", "args": {"step_size": 1, "gamma": 0.0}}
     path.write_text(json.dumps(cfg))
     assert train.main(["-c", str(path)]) == 0
-    ckpt = state(only_run(tmp_path / "lt") / "last.ckpt")
+    ckpt = load_ckpt(only_run(tmp_path / "lt") / "last.ckpt")
     pl.seed_everything(cfg["seed"], verbose=False)
     initial = LeNet300().state_dict()  # train.py builds the model right after seeding
     for name, mask in ckpt["masks"].items():

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-import trainer.trainer as trainer_module
+import builders as trainer_module
 from compression.quantization import centroid_grad, dequantize
-from conftest import StopAfter, load_script, tiny_config
+from helpers import StopAfter, last_ckpt, load_script, tiny_config, write_config
 from models import LeNet300
 from trainer.lit_model import LitClassifier
 
@@ -20,19 +20,6 @@ train = load_script("train")
 test = load_script("test")
 KEEP = {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26}
 LAYERS = ("fc1", "fc2", "fc3")
-
-
-def write(tmp_path: Path, idx_dir: Path, name: str, callbacks: dict[str, Any], **trainer: Any) -> Path:
-    cfg = tiny_config(idx_dir, tmp_path / name, **trainer)
-    cfg["trainer"]["callbacks"] = callbacks
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def last(save_dir: Path) -> dict[str, Any]:
-    (run,) = sorted((save_dir / "tiny").iterdir())
-    return torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def codebook(ckpt: dict[str, Any], layer: str) -> torch.Tensor:
@@ -75,9 +62,9 @@ def test_prune_quantize_finetune(tmp_path: Path, idx_dir: Path) -> None:
     callbacks = {"IterativePruning": {"keep_ratio": KEEP},
                  "Quantization": {"bits": {"Linear": 5, "fc3": 3}, "epoch": 1, "lr": 1e-4}}
     frozen = {**callbacks, "Quantization": {**callbacks["Quantization"], "lr": 0.0}}
-    assert train.main(["-c", str(write(tmp_path, idx_dir, "q", callbacks, max_epochs=3))]) == 0
-    assert train.main(["-c", str(write(tmp_path, idx_dir, "frozen", frozen, max_epochs=3))]) == 0
-    ckpt, ref = last(tmp_path / "q"), last(tmp_path / "frozen")
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "q", callbacks, max_epochs=3))]) == 0
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "frozen", frozen, max_epochs=3))]) == 0
+    ckpt, ref = last_ckpt(tmp_path / "q"), last_ckpt(tmp_path / "frozen")
     for layer, bits in (("fc1", 5), ("fc2", 5), ("fc3", 3)):
         w, mask = ckpt["state_dict"][f"model.{layer}.weight"], ckpt["masks"][f"{layer}.weight"]
         assert int(mask.sum()) == round(KEEP[layer] * w.numel())
@@ -96,16 +83,16 @@ def test_prune_quantize_finetune(tmp_path: Path, idx_dir: Path) -> None:
 def test_resume_mid_finetuning_reproduces_the_codebook(tmp_path: Path, idx_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     callbacks = {"IterativePruning": {"keep_ratio": KEEP}, "Quantization": {"bits": 4, "epoch": 1, "lr": 1e-4}}
-    assert train.main(["-c", str(write(tmp_path, idx_dir, "straight", callbacks, max_epochs=4))]) == 0
-    path = write(tmp_path, idx_dir, "cut", callbacks, max_epochs=4)
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "straight", callbacks, max_epochs=4))]) == 0
+    path = write_config(tmp_path, idx_dir, "cut", callbacks, max_epochs=4)
     original = trainer_module.build_callbacks
     monkeypatch.setattr(trainer_module, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(2)])
     assert train.main(["-c", str(path)]) == 0
     monkeypatch.undo()
     (run,) = sorted((tmp_path / "cut" / "tiny").iterdir())
-    assert last(tmp_path / "cut")["epoch"] == 2  # stopped mid fine-tuning (quantized at epoch 1)
+    assert last_ckpt(tmp_path / "cut")["epoch"] == 2  # stopped mid fine-tuning (quantized at epoch 1)
     assert train.main(["-r", str(run / "last.ckpt")]) == 0
-    resumed, straight = last(tmp_path / "cut"), last(tmp_path / "straight")
+    resumed, straight = last_ckpt(tmp_path / "cut"), last_ckpt(tmp_path / "straight")
     assert resumed["epoch"] == 3
     for layer in LAYERS:
         assert torch.equal(codebook(resumed, layer), codebook(straight, layer))
@@ -116,7 +103,7 @@ def test_resume_mid_finetuning_reproduces_the_codebook(tmp_path: Path, idx_dir: 
 def test_quantized_checkpoint_in_test_py_and_as_new_run(tmp_path: Path, idx_dir: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     callbacks = {"IterativePruning": {"keep_ratio": KEEP}, "Quantization": {"bits": 3, "epoch": 1}}
-    assert train.main(["-c", str(write(tmp_path, idx_dir, "q", callbacks, max_epochs=2))]) == 0
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "q", callbacks, max_epochs=2))]) == 0
     (run,) = sorted((tmp_path / "q" / "tiny").iterdir())
     capsys.readouterr()
     assert test.main(["-r", str(run / "last.ckpt"), "--json"]) == 0
@@ -127,7 +114,7 @@ def test_quantized_checkpoint_in_test_py_and_as_new_run(tmp_path: Path, idx_dir:
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps(tiny_config(idx_dir, tmp_path / "again", max_epochs=1)))
     assert train.main(["-c", str(plain), "--weights", str(run / "last.ckpt")]) == 0
-    again, source = last(tmp_path / "again"), last(tmp_path / "q")
+    again, source = last_ckpt(tmp_path / "again"), last_ckpt(tmp_path / "q")
     for layer in LAYERS:
         w = again["state_dict"][f"model.{layer}.weight"]
         kept = int(source["masks"][f"{layer}.weight"].sum())
@@ -135,7 +122,7 @@ def test_quantized_checkpoint_in_test_py_and_as_new_run(tmp_path: Path, idx_dir:
         assert not torch.equal(codebook(again, layer), codebook(source, layer))
 
     # Pruning them again is refused before anything runs: a quantized layer's mask is fixed.
-    prune = write(tmp_path, idx_dir, "prune", {"IterativePruning": {"keep_ratio": 0.5}}, max_epochs=1)
+    prune = write_config(tmp_path, idx_dir, "prune", {"IterativePruning": {"keep_ratio": 0.5}}, max_epochs=1)
     capsys.readouterr()
     assert train.main(["-c", str(prune), "--weights", str(run / "last.ckpt")]) == 2
     assert re.search(r"IterativePruning: fc1\.weight, fc2\.weight, fc3\.weight are already quantized, so their masks "
@@ -144,8 +131,8 @@ def test_quantized_checkpoint_in_test_py_and_as_new_run(tmp_path: Path, idx_dir:
 
 
 @pytest.mark.parametrize(("callbacks", "match"), [
-    ({"Quantization": {"bits": 0}}, r"Quantization: bits bits: must be an integer in 1\.\.16, got 0"),
-    ({"Quantization": {"bits": {"fc1": 17}}}, r"bits fc1: must be an integer in 1\.\.16, got 17"),
+    ({"Quantization": {"bits": 0}}, r"Quantization\.bits: must be an integer in 1\.\.16, got 0"),
+    ({"Quantization": {"bits": {"fc1": 17}}}, r"Quantization\.bits: fc1: must be an integer in 1\.\.16, got 17"),
     ({"Quantization": {"init": "random"}}, r"unknown init 'random'; valid inits: linear, density, forgy"),
     ({"Quantization": {"epoch": 2}}, r"Quantization: epoch 2 is outside the run's epochs 0\.\.1"),
     ({"Quantization": {"bits": {"conv9": 4}}}, r"'conv9' is not a prunable layer of LeNet300; prunable layers: fc1"),
@@ -154,7 +141,7 @@ def test_quantized_checkpoint_in_test_py_and_as_new_run(tmp_path: Path, idx_dir:
 ])
 def test_quantization_config_errors(tmp_path: Path, idx_dir: Path, callbacks: dict[str, Any], match: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    assert train.main(["-c", str(write(tmp_path, idx_dir, "bad", callbacks, max_epochs=2))]) == 2
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "bad", callbacks, max_epochs=2))]) == 2
     assert re.search(match, capsys.readouterr().err)
 
 
@@ -162,7 +149,7 @@ def test_quantization_reports_to_tensorboard(tmp_path: Path, idx_dir: Path) -> N
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     callbacks = {"IterativePruning": {"keep_ratio": KEEP}, "Quantization": {"bits": 4, "epoch": 1}}
-    assert train.main(["-c", str(write(tmp_path, idx_dir, "tb", callbacks, max_epochs=2))]) == 0
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "tb", callbacks, max_epochs=2))]) == 0
     (run,) = sorted((tmp_path / "tb" / "tiny").iterdir())
     events = EventAccumulator(str(run), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()

@@ -17,12 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from compression.sensitivity import (Point, callbacks_fragment, parse_bits, parse_keep_ratios, propose, run_sweeps,
-                                     sweep_points)
-from conftest import load_script, tiny_config
+from compression.sensitivity import Point, propose, run_sweeps, sweep_points
+from helpers import load_script, tiny_config
 from parse_config import parse_config
+from trainer.callbacks import proposal_callbacks
 
 sens = load_script("sensitivity")
+parse_bits, parse_keep_ratios = sens.parse_bits, sens.parse_keep_ratios  # CLI strings are the script's job
 train = load_script("train")
 test = load_script("test")
 
@@ -172,7 +173,7 @@ def test_proposal_rule() -> None:
     assert proposal["keep_ratio"] == {"fc1": 0.5} and proposal["init"] == "forgy" and proposal["bits"] == {"fc1": 2}
     assert proposal["layers"]["fc2"] == {"keep_ratio": None, "bits": None, "prune_top1_err": None,
                                          "quantize_top1_err": None}
-    assert callbacks_fragment({}, {"fc1": 2}, "forgy")["Quantization"]["epoch"] == 0  # nothing to prune first
+    assert proposal_callbacks({}, {"fc1": 2}, "forgy")["Quantization"]["epoch"] == 0  # nothing to prune first
 
 
 def test_value_lists_and_ranges() -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import trainer.trainer as trainer_module
-from conftest import load_script, tiny_config
+import builders as trainer_module
+from helpers import load_script, tiny_config
 from data import DATAMODULES, FashionMNIST
 
 train = load_script("train")

@@ -10,7 +10,8 @@ install the result here; this module keeps it true at every step:
 
 The weights stay plain tensors (``model.fc1.weight``): a compressed checkpoint loads into a fresh model.
 Masks and indices travel in the checkpoint's ``"masks"`` / ``"quant_index"`` entries, the codebooks in
-its state dict.
+its state dict under ``compression.codebooks.<name with __>``: this class owns those keys
+(``codebook_key``, ``tensors_of``); nothing else spells them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,18 @@ from torch import nn
 from compression.quantization import centroid_grad, dequantize
 
 
+STATE_ATTR = "compression"  # the attribute LitClassifier holds its CompressionState in
+MASKS_KEY, INDEX_KEY = "masks", "quant_index"  # the checkpoint entries of the masks and indices
+_CODEBOOKS = f"{STATE_ATTR}.codebooks."  # prefix of the codebooks in a checkpoint's state_dict
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys cannot contain dots
+
+
+def codebook_key(name: str) -> str:
+    """The ``state_dict`` key of parameter ``name``'s codebook in a LitClassifier checkpoint."""
+    return _CODEBOOKS + _key(name)
 
 
 class CompressionState(nn.Module):
@@ -137,31 +148,51 @@ class CompressionState(nn.Module):
                         value.mul_(mask.to(value.device))
 
     # ------------------------------------------------------------------------------- checkpoints
+    def codebook_keys(self) -> list[str]:
+        """The ``state_dict`` keys of the registered codebooks (e.g. for DDP to leave them alone)."""
+        return [_CODEBOOKS + key for key in self.codebooks]
+
     def checkpoint_entries(self) -> dict[str, Any]:
-        return {"masks": {n: m.cpu() for n, m in self.masks.items()},
-                "quant_index": {n: i.cpu() for n, i in self.index.items()}}
+        return {MASKS_KEY: {n: m.cpu() for n, m in self.masks.items()},
+                INDEX_KEY: {n: i.cpu() for n, i in self.index.items()}}
+
+    @staticmethod
+    def tensors_of(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                           dict[str, torch.Tensor]]:
+        """The compressed tensors of a loaded checkpoint, by parameter name of the network.
+
+        Returns:
+            (masks, codebooks, indices): what the ``.dcz`` encoder stores for each compressed parameter.
+        """
+        state = checkpoint.get("state_dict", {})
+        indices = dict(checkpoint.get(INDEX_KEY, {}))
+        codebooks = {name: state[codebook_key(name)] for name in indices}
+        return dict(checkpoint.get(MASKS_KEY, {})), codebooks, indices
 
     def load_entries(self, model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-        """Restores masks, indices and codebook *shapes* from a checkpoint (values come with the state dict).
+        """Restores masks, indices and codebooks (shapes and values) from a checkpoint.
+
+        Runs before the optimizer is built, so the codebooks it registers are trained from the first step.
 
         Raises:
             ValueError: an entry that does not fit ``model`` (unknown parameter, shape, index range).
         """
         params = dict(model.named_parameters())
-        for name, mask in checkpoint.get("masks", {}).items():
+        for name, mask in checkpoint.get(MASKS_KEY, {}).items():
             if name not in params or tuple(mask.shape) != tuple(params[name].shape):
                 shape = tuple(params[name].shape) if name in params else "no such parameter"
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the model's: {shape}")
             self.masks[name] = mask.to(params[name].device, torch.bool)
-        sizes = {k: v.shape[0] for k, v in checkpoint.get("state_dict", {}).items()
-                 if k.startswith("compression.codebooks.")}
+        state = checkpoint.get("state_dict", {})
+        sizes = {k: v.shape[0] for k, v in state.items() if k.startswith(_CODEBOOKS)}
         # Every codebook of the checkpoint, in its order (a layer pruned away entirely has a codebook but no
         # index): the optimizer's state is restored by position, so the order must be the saved one.
         device = next(iter(params.values())).device if params else None
         for key, size in sizes.items():
-            self._codebook(key.removeprefix("compression.codebooks."), size, device)
-        for name, index in checkpoint.get("quant_index", {}).items():
-            key = f"compression.codebooks.{_key(name)}"
+            with torch.no_grad():
+                self._codebook(key.removeprefix(_CODEBOOKS), size, device).copy_(state[key])
+        for name, index in checkpoint.get(INDEX_KEY, {}).items():
+            key = codebook_key(name)
             if key not in sizes or name not in self.masks:
                 raise ValueError(f"checkpoint has quantization indices for {name} but no codebook {key} or mask")
             kept = int(self.masks[name].sum())

@@ -22,6 +22,13 @@ from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
 from utils import CheckpointError
 
 log = get_logger("train")
+MODEL_ATTR = "model"  # the attribute holding the network: its weights are "model.*" in a checkpoint
+
+
+def network_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The plain ``nn.Module`` weights of a LitClassifier checkpoint (the ``model.`` prefix removed)."""
+    prefix = MODEL_ATTR + "."
+    return {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
 class LitClassifier(pl.LightningModule):
@@ -48,7 +55,8 @@ class LitClassifier(pl.LightningModule):
             }) for stage in ("val", "test")
         })
         # Pruning masks and codebooks, installed by the compression callbacks (or restored from a
-        # checkpoint) and enforced at every step; see trainer/compression_state.py.
+        # checkpoint) and enforced at every step; see trainer/compression_state.py (its checkpoint keys
+        # start with this attribute's name, STATE_ATTR).
         self.compression = CompressionState()
         self.codebook_lr: float | None = None  # learning rate of the codebooks (None: the optimizer's)
         # The optimizer step is written out in training_step (Lightning's manual optimization): the
@@ -65,7 +73,7 @@ class LitClassifier(pl.LightningModule):
         # on_after_backward, from weight gradients DDP has already averaged, so DDP must neither expect an
         # autograd gradient for them (it would fail at the second step unless find_unused_parameters=True,
         # whatever the strategy's name) nor average them again.
-        return [f"compression.codebooks.{key}" for key in self.compression.codebooks]
+        return self.compression.codebook_keys()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets _current_fx_name (a plain string) around each of ~20 hook calls per step;
@@ -148,10 +156,6 @@ class LitClassifier(pl.LightningModule):
             self.compression.load_entries(self.model, checkpoint)
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"compression state does not fit {type(self.model).__name__}: {err}") from None
-        state = checkpoint.get("state_dict", {})
-        with torch.no_grad():
-            for key, codebook in self.compression.codebooks.items():
-                codebook.copy_(state[f"compression.codebooks.{key}"])
         self.compression.apply_(self.model)
 
     def on_after_backward(self) -> None:

@@ -8,76 +8,93 @@ checkpoint. Resuming (``train.py -r``) restores the masks and continues with the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from pydantic import model_validator
 from torch import nn
-from typing_extensions import override
+from typing_extensions import Self, override
 
-from compression.pruning import (SCHEDULES, adjusted_dropout, global_magnitude_masks, keep_ratio_at,
-                                 magnitude_mask, progress, schedule_epochs, std_threshold_mask)
+from compression.layers import per_layer, prunable_layers
+from compression.pruning import CRITERIA, SCHEDULES, adjust_dropout_, schedule_epochs, step_masks
 from logger import get_logger
+from trainer.callbacks.args import StrictArgs, validated
 from trainer.callbacks.best import reset_best
-from trainer.callbacks.layers import per_layer, prunable_layers
 
-CRITERIA = ("magnitude", "std", "global")
+if TYPE_CHECKING:  # the module this callback works on (its .model, .masks, .set_masks)
+    from trainer.lit_model import LitClassifier
+
 log = get_logger("pruning")
+
+
+class PruningArgs(StrictArgs):
+    """The arguments of ``IterativePruning`` (``trainer.callbacks.IterativePruning`` in a config)."""
+
+    criterion: Literal[CRITERIA] = "magnitude"  # type: ignore[valid-type]  # how each step picks what survives
+    keep_ratio: float | dict[str, float] | None = None  # fraction kept at the end: one, or {name or type: r}
+    sensitivity: float | dict[str, float] | None = None  # Han's quality parameter s of criterion "std"
+    layers: list[str] | None = None  # layer names or types (default: every Linear/Conv2d, or the dict's keys)
+    prune_bias: bool = False  # prune biases too, with their layer's target
+    schedule: Literal[SCHEDULES] = "one_shot"  # type: ignore[valid-type]
+    epochs: list[int] | None = None  # pruning epochs of schedule "epochs" (0-based)
+    start_epoch: int = 0  # first pruning epoch
+    end_epoch: int | None = None  # last pruning epoch of "every" / "gradual" (default: the last epoch)
+    prune_every: int = 1  # epochs between pruning steps
+    reset_weights: bool = False  # rewind survivors to their fit-start values after each step (lottery ticket)
+    adjust_dropout: bool = False  # D_r = D_o * sqrt(C_ir / C_io) for the dropout feeding each pruned layer
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        name = "sensitivity" if self.criterion == "std" else "keep_ratio"
+        target, other = (self.sensitivity, self.keep_ratio) if name == "sensitivity" else (self.keep_ratio,
+                                                                                          self.sensitivity)
+        if target is None:
+            raise ValueError(f"criterion {self.criterion!r} needs {name}")
+        if other is not None:
+            raise ValueError(f"criterion {self.criterion!r} takes {name}, not "
+                             f"{'keep_ratio' if name == 'sensitivity' else 'sensitivity'}")
+        if self.criterion == "global" and isinstance(target, dict):
+            raise ValueError("criterion 'global' takes one keep_ratio for all layers, not a dict")
+        for key, value in (target.items() if isinstance(target, dict) else [(name, target)]):
+            if name == "keep_ratio" and not 0.0 < value <= 1.0:
+                raise ValueError(f"keep_ratio {key}: must be in (0, 1], got {value}")
+            if name == "sensitivity" and value < 0:
+                raise ValueError(f"sensitivity {key}: must be >= 0, got {value}")
+        if self.schedule == "epochs" and not self.epochs:
+            raise ValueError("schedule 'epochs' needs a non-empty 'epochs' list")
+        if self.start_epoch < 0 or self.prune_every < 1:
+            raise ValueError(f"start_epoch must be >= 0 and prune_every >= 1, got {self.start_epoch} and "
+                             f"{self.prune_every}")
+        return self
+
+    @property
+    def target(self) -> float | dict[str, float]:
+        """The keep ratio, or the sensitivity of criterion ``std``."""
+        return self.sensitivity if self.criterion == "std" else self.keep_ratio  # type: ignore[return-value]
 
 
 class IterativePruning(Callback):
     """Prunes the selected layers at the scheduled epochs.
 
-    Args:
-        criterion: ``magnitude`` (keep a fraction of each layer), ``std`` (Han's threshold
-            ``|w| < s × std(w)`` per layer) or ``global`` (one magnitude threshold over all selected layers).
-        keep_ratio: Target fraction kept: one number, or ``{layer name or type: fraction}``
-            (``{"fc1": 0.08, "fc2": 0.09, "fc3": 0.26}``); for ``magnitude`` and ``global``.
-        sensitivity: The quality parameter ``s`` of the ``std`` criterion, global or per layer.
-        layers: Layer names or types to prune (default: every Linear and Conv2d, or the keys of a dict).
-        prune_bias: Prune biases too, with their layer's target.
-        schedule: ``one_shot`` (at ``start_epoch``), ``epochs`` (the list ``epochs``), ``every`` (from
-            ``start_epoch`` every ``prune_every`` epochs up to ``end_epoch``) or ``gradual`` (same epochs,
-            cubic schedule of Zhu & Gupta 2017). Multi-step schedules reach the target at the last step.
-        epochs: Pruning epochs for ``schedule="epochs"`` (0-based).
-        start_epoch: First pruning epoch.
-        end_epoch: Last pruning epoch for ``every`` / ``gradual`` (default: the last epoch).
-        prune_every: Epochs between pruning steps.
-        reset_weights: After each step, reset surviving weights to their values at fit start (lottery
-            ticket rewinding); off by default, as in the paper.
-        adjust_dropout: Scale the dropout feeding each pruned layer by ``sqrt(keep ratio)`` (§3.5).
+    Takes the keyword arguments of ``PruningArgs`` (criterion, keep_ratio or sensitivity, layers,
+    prune_bias, schedule, epochs, start_epoch, end_epoch, prune_every, reset_weights, adjust_dropout).
+    ``schedule``: ``one_shot`` (at ``start_epoch``), ``epochs`` (the list ``epochs``), ``every`` (from
+    ``start_epoch`` every ``prune_every`` epochs up to ``end_epoch``) or ``gradual`` (same epochs, cubic
+    schedule of Zhu & Gupta 2017). Multi-step schedules reach the target at the last step.
+
+    Raises:
+        ValueError: an argument out of range or inconsistent with the others (one message per problem).
     """
 
-    def __init__(self, criterion: Literal["magnitude", "std", "global"] = "magnitude",
-                 keep_ratio: float | dict[str, float] | None = None,
-                 sensitivity: float | dict[str, float] | None = None, layers: list[str] | None = None,
-                 prune_bias: bool = False, schedule: Literal["one_shot", "epochs", "every", "gradual"] = "one_shot",
-                 epochs: list[int] | None = None, start_epoch: int = 0, end_epoch: int | None = None,
-                 prune_every: int = 1, reset_weights: bool = False, adjust_dropout: bool = False) -> None:
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        target, name = (sensitivity, "sensitivity") if criterion == "std" else (keep_ratio, "keep_ratio")
-        other = "keep_ratio" if criterion == "std" else "sensitivity"
-        if target is None:
-            raise ValueError(f"criterion {criterion!r} needs {name}")
-        if (keep_ratio if criterion == "std" else sensitivity) is not None:
-            raise ValueError(f"criterion {criterion!r} takes {name}, not {other}")
-        if criterion == "global" and isinstance(keep_ratio, dict):
-            raise ValueError("criterion 'global' takes one keep_ratio for all layers, not a dict")
-        for key, value in (target.items() if isinstance(target, dict) else [(name, target)]):
-            if criterion != "std" and not 0.0 < value <= 1.0:
-                raise ValueError(f"keep_ratio {key}: must be in (0, 1], got {value}")
-            if criterion == "std" and value < 0:
-                raise ValueError(f"sensitivity {key}: must be >= 0, got {value}")
-        if schedule == "epochs" and not epochs:
-            raise ValueError("schedule 'epochs' needs a non-empty 'epochs' list")
-        self.criterion, self.target, self.layers, self.prune_bias = criterion, target, layers, prune_bias
-        self.schedule, self.epochs, self.start_epoch = schedule, epochs, start_epoch
-        self.end_epoch, self.prune_every = end_epoch, prune_every
-        self.reset_weights, self.adjust_dropout = reset_weights, adjust_dropout
+    def __init__(self, **kwargs: Any) -> None:
+        self.args = args = validated(PruningArgs, kwargs, "IterativePruning")
+        self.criterion, self.target, self.layers, self.prune_bias = (args.criterion, args.target, args.layers,
+                                                                     args.prune_bias)
+        self.schedule, self.epochs, self.start_epoch = args.schedule, args.epochs, args.start_epoch
+        self.end_epoch, self.prune_every = args.end_epoch, args.prune_every
+        self.reset_weights, self.adjust_dropout = args.reset_weights, args.adjust_dropout
         self.initial_state: dict[str, torch.Tensor] = {}  # for reset_weights
         self.dropout_p: dict[str, float] = {}  # original rate of each adjusted dropout
         self.steps: list[int] = []
@@ -115,7 +132,7 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------------------- hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: LitClassifier, stage: str) -> None:
         if stage != "fit":
             return
         self.targets = self.check(pl_module.model, trainer.max_epochs)
@@ -124,35 +141,24 @@ class IterativePruning(Callback):
                                   self._params(pl_module.model, self.targets).items()}
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if self.adjust_dropout and pl_module.masks:  # resumed: re-apply the adjusted dropout rates
-            self._adjust_dropout(pl_module.model, pl_module.masks)
+            adjust_dropout_(pl_module.model, pl_module.masks, self.dropout_p)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         epoch = trainer.current_epoch
         if epoch in self.steps:
             self.prune(trainer, pl_module, self.steps.index(epoch))
 
-    def _step_masks(self, pl_module: pl.LightningModule, step: int) -> dict[str, torch.Tensor]:
-        params = self._params(pl_module.model, self.targets)
-        n, gradual = len(self.steps), self.schedule == "gradual"
-        if self.criterion == "global":
-            keep = keep_ratio_at(step, n, float(self.target), gradual)
-            return global_magnitude_masks({k: p for k, (p, _) in params.items()}, keep, pl_module.masks)
-        masks = {}
-        for name, (param, target) in params.items():
-            if self.criterion == "std":
-                masks[name] = std_threshold_mask(param, target * progress(step, n), pl_module.masks.get(name))
-            else:
-                masks[name] = magnitude_mask(param, keep_ratio_at(step, n, target, gradual), pl_module.masks.get(name))
-        return masks
-
-    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def prune(self, trainer: pl.Trainer, pl_module: LitClassifier, step: int) -> None:
         """Runs pruning step ``step`` (0-based) of the schedule: new masks, optional rewind, report."""
         before = {n: int(pl_module.masks[n].sum()) if n in pl_module.masks else p.numel()
                   for n, (p, _) in self._params(pl_module.model, self.targets).items()}
-        masks = self._step_masks(pl_module, step)
+        params = self._params(pl_module.model, self.targets)
+        masks = step_masks(self.criterion, {n: p for n, (p, _) in params.items()},
+                           {n: t for n, (_, t) in params.items()}, step, len(self.steps),
+                           self.schedule == "gradual", pl_module.masks)
         if trainer.world_size > 1:  # identical on every rank by construction; broadcasting makes it certain
             masks = trainer.strategy.broadcast(masks, src=0)
         if self.reset_weights:
@@ -161,22 +167,11 @@ class IterativePruning(Callback):
                     param.copy_(self.initial_state[name].to(param.device))
         pl_module.set_masks(masks)
         if self.adjust_dropout:
-            self._adjust_dropout(pl_module.model, masks)
+            adjust_dropout_(pl_module.model, masks, self.dropout_p)
         self._report(trainer, pl_module, before, step)
         reset_best(trainer)  # best.ckpt must come from after this step
 
-    def _adjust_dropout(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-        for parent_name, parent in model.named_modules():
-            children = list(parent.named_children())
-            for (drop_name, drop), (layer_name, _) in zip(children, children[1:]):
-                weight = f"{parent_name}.{layer_name}.weight".lstrip(".")
-                if isinstance(drop, nn.Dropout) and weight in masks:
-                    key = f"{parent_name}.{drop_name}".lstrip(".")
-                    self.dropout_p.setdefault(key, drop.p)
-                    keep = float(masks[weight].float().mean())
-                    drop.p = adjusted_dropout(self.dropout_p[key], keep)
-
-    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, int], step: int) -> None:
+    def _report(self, trainer: pl.Trainer, pl_module: LitClassifier, before: dict[str, int], step: int) -> None:
         metrics, total_kept, total = {}, 0, 0
         for name, param in pl_module.model.named_parameters():
             if not name.endswith(".weight") or name.rsplit(".", 1)[0] not in prunable_layers(pl_module.model):

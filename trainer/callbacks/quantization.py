@@ -10,54 +10,86 @@ at every step and save codebooks and indices in every checkpoint.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from pydantic import Field, field_validator
 from torch import nn
 from typing_extensions import override
 
 from compression.kmeans import INITS, kmeans_1d
+from compression.layers import per_layer
+from compression.quantization import DEFAULT_BITS, MAX_BITS
 from logger import get_logger
+from trainer.callbacks.args import StrictArgs, validated
 from trainer.callbacks.best import reset_best
-from trainer.callbacks.layers import per_layer
+
+if TYPE_CHECKING:  # the module this callback works on (its .model, .masks, .compression, .codebook_lr)
+    from trainer.lit_model import LitClassifier
 
 log = get_logger("quantization")
-DEFAULT_BITS = {"Conv2d": 8, "Linear": 5}  # the paper's AlexNet/VGG setting
+
+
+class QuantizationArgs(StrictArgs):
+    """The arguments of ``Quantization`` (``trainer.callbacks.Quantization`` in a config)."""
+
+    bits: int | dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_BITS))  # per layer name or type
+    init: str = "linear"  # centroid initialisation: linear (the paper's best), density, forgy, kmeans++
+    epoch: int = 0  # epoch (0-based) at whose start the layers are clustered
+    lr: float | None = None  # learning rate of the codebooks (None: the optimizer's); no weight decay on them
+    layers: list[str] | None = None  # layer names or types to quantize (default: those of bits)
+    seed: int = 0  # seed of forgy / kmeans++ (k-means is deterministic, so every DDP rank agrees)
+    max_iter: int = 1000  # Lloyd iterations at most
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_range(cls, bits: int | dict[str, int]) -> int | dict[str, int]:
+        for key, value in (bits.items() if isinstance(bits, dict) else [("", bits)]):
+            if not 1 <= value <= MAX_BITS:
+                raise ValueError(f"{key}{': ' if key else ''}must be an integer in 1..{MAX_BITS}, got {value!r}")
+        return bits
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, init: str) -> str:
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid inits: {', '.join(INITS)}")
+        return init
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, lr: float | None) -> float | None:
+        if lr is not None and lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        return lr
+
+    @field_validator("max_iter")
+    @classmethod
+    def _max_iter(cls, max_iter: int) -> int:
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        return max_iter
 
 
 class Quantization(Callback):
     """Shares weights by k-means at epoch ``epoch`` and fine-tunes the codebooks afterwards.
 
-    Args:
-        bits: Bits per layer: one number, or ``{layer name or type: bits}`` (default conv 8 / fc 5 as in
-            the paper; LeNet-300-100 uses 6). ``2**bits`` clusters at most; a layer with fewer distinct
-            kept weights gets fewer.
-        init: Centroid initialisation: ``linear`` (the paper's best), ``density``, ``forgy``, ``kmeans++``.
-        epoch: Epoch (0-based) at whose start the layers are quantized.
-        lr: Learning rate of the codebooks (default: the optimizer's). No weight decay is applied to them.
-        layers: Layer names or types to quantize (default: those of ``bits``).
-        seed: Seed of ``forgy`` / ``kmeans++`` (k-means is deterministic, so every DDP rank agrees).
-        max_iter: Maximum Lloyd iterations.
+    Takes the keyword arguments of ``QuantizationArgs``: ``bits`` (one number, or ``{layer name or type:
+    bits}``; default conv 8 / fc 5 as in the paper, LeNet-300-100 uses 6; ``2**bits`` clusters at most, a
+    layer with fewer distinct kept weights gets fewer), ``init``, ``epoch``, ``lr``, ``layers``, ``seed``,
+    ``max_iter``.
+
+    Raises:
+        ValueError: an argument out of range (one message per problem).
     """
 
-    def __init__(self, bits: int | dict[str, int] | None = None, init: str = "linear", epoch: int = 0,
-                 lr: float | None = None, layers: list[str] | None = None, seed: int = 0,
-                 max_iter: int = 1000) -> None:
-        bits = dict(DEFAULT_BITS) if bits is None else bits
-        for key, value in (bits.items() if isinstance(bits, dict) else [("bits", bits)]):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
-                raise ValueError(f"bits {key}: must be an integer in 1..16, got {value!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; valid inits: {', '.join(INITS)}")
-        if lr is not None and lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.bits, self.init, self.epoch, self.lr = bits, init, epoch, lr
-        self.layers, self.seed, self.max_iter = layers, seed, max_iter
+    def __init__(self, **kwargs: Any) -> None:
+        self.args = args = validated(QuantizationArgs, kwargs, "Quantization")
+        self.bits, self.init, self.epoch, self.lr = args.bits, args.init, args.epoch, args.lr
+        self.layers, self.seed, self.max_iter = args.layers, args.seed, args.max_iter
 
     def check(self, model: nn.Module, max_epochs: int) -> dict[str, int]:
         """Validates layer names and the epoch; returns {full layer name: bits}.
@@ -68,11 +100,10 @@ class Quantization(Callback):
         if not 0 <= self.epoch < max_epochs:
             raise ValueError(f"epoch {self.epoch} is outside the run's epochs 0..{max_epochs - 1} "
                              f"(trainer.max_epochs={max_epochs})")
-        bits = per_layer(model, self.bits, self.layers, "bits")
-        return {name: int(b) for name, b in bits.items()}
+        return per_layer(model, self.bits, self.layers, "bits")
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: LitClassifier, stage: str) -> None:
         if stage != "fit":
             return
         self.layer_bits = self.check(pl_module.model, trainer.max_epochs)
@@ -82,11 +113,11 @@ class Quantization(Callback):
         pl_module.codebook_lr = self.lr
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if trainer.current_epoch == self.epoch:
             self.quantize(trainer, pl_module)
 
-    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def quantize(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         """Clusters every selected layer's kept weights and installs codebooks and indices."""
         modules = dict(pl_module.model.named_modules())
         metrics: dict[str, float] = {}
@@ -125,7 +156,7 @@ class Quantization(Callback):
                 logger.experiment.add_histogram(tag, values, global_step=trainer.global_step)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if trainer.current_epoch == 0:  # the dense / pre-trained weights, for the paper's Fig. 4 view
             modules = dict(pl_module.model.named_modules())
             for name in self.layer_bits:

@@ -1,12 +1,19 @@
-"""Resolving the layer names and type names a compression config uses against a model."""
+"""Resolving the layer names and type names a compression config uses against a model.
+
+Pure ``torch.nn`` walking, no Lightning: the callbacks, the sensitivity sweep and the file writer all
+designate layers the same way (a full name, a unique last component, or a type name).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal, TypeVar
 
 from torch import nn
 
+# The layer types Deep Compression prunes and quantizes, by the names configs use: the one definition.
 PRUNABLE_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+LayerType = Literal["Linear", "Conv2d"]  # the same names, for type hints and config schemas
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -35,8 +42,17 @@ def resolve(model: nn.Module, key: str, what: str) -> list[str]:
                      f"{', '.join(layers)} (or a type: {', '.join(PRUNABLE_TYPES)})")
 
 
-def per_layer(model: nn.Module, value: float | dict[str, float], selection: Iterable[str] | None,
-              what: str) -> dict[str, float]:
+Number = TypeVar("Number", int, float)
+
+
+def layer_type(model: nn.Module, param_name: str) -> str | None:
+    """The config type name (``Linear``, ``Conv2d``) of the layer owning ``param_name``, else None."""
+    owner = dict(model.named_modules()).get(param_name.rpartition(".")[0])
+    return next((k for k, t in PRUNABLE_TYPES.items() if isinstance(owner, t)), None)
+
+
+def per_layer(model: nn.Module, value: Number | dict[str, Number], selection: Iterable[str] | None,
+              what: str) -> dict[str, Number]:
     """Expands a global value or a {name-or-type: value} dict to {full layer name: value}.
 
     Names win over types. With a dict and no explicit ``selection``, the dict's keys select the layers;
@@ -46,11 +62,11 @@ def per_layer(model: nn.Module, value: float | dict[str, float], selection: Iter
     for key in (selection if selection is not None else (PRUNABLE_TYPES if not isinstance(value, dict) else [])):
         selected += [n for n in resolve(model, key, f"{what} layers") if n not in selected]
     if not isinstance(value, dict):
-        return {name: float(value) for name in selected}
-    out: dict[str, float] = {}
+        return {name: value for name in selected}
+    out: dict[str, Number] = {}
     for key in sorted(value, key=lambda k: k not in PRUNABLE_TYPES):  # types first, names override them
         for name in resolve(model, key, what):
-            out[name] = float(value[key])
+            out[name] = value[key]
     if selection is not None:
         missing = [n for n in selected if n not in out]
         if missing:

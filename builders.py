@@ -1,9 +1,14 @@
-"""Builds the model, data and ``Trainer`` of a run from a validated ``Config``."""
+"""Config -> objects: the model, data, callbacks, ``Trainer`` and evaluator of a run, from a ``Config``.
+
+The config layer's other half (``parse_config`` validates; this builds). Scripts call these; nothing
+below the config layer imports this module, so ``trainer/`` never depends on the config schema.
+"""
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +18,14 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from parse_config import Config, ConfigError, instantiate, load_config
+from logger import get_logger
+from parse_config import METRICS, Config, ConfigError, instantiate, load_config
 from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
 from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
-from trainer.lit_model import LitClassifier
-from utils import CheckpointError, load_checkpoint, model_state
+from trainer.lit_model import LitClassifier, network_state
+from utils import CheckpointError, load_checkpoint
+
+Metrics = dict[str, float]  # {"top1_err": %, "top5_err": %, "loss": ...}
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -45,7 +53,7 @@ def build_lit_model(cfg: Config, load_pretrained: bool = True) -> LitClassifier:
 def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
     """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match)."""
     try:
-        result = model.load_state_dict(model_state(ckpt), strict=False)
+        result = model.load_state_dict(network_state(ckpt), strict=False)
     except RuntimeError as err:  # shape mismatch
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: {str(err)[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
@@ -164,3 +172,54 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
         return pl.Trainer(callbacks=callbacks, **kwargs)
     except (ValueError, TypeError, ImportError, MisconfigurationException) as err:  # e.g. an accelerator missing here
         raise ConfigError(f"trainer: {err}") from None
+
+
+def make_evaluator(cfg: Config, model: nn.Module, split: str, limit_batches: int | float | None = None,
+                   quiet: bool = True) -> Callable[[], Metrics]:
+    """One Trainer and one data module, reused: the returned function evaluates ``model`` as it is now.
+
+    What test.py runs once and sensitivity.py hundreds of times. Lightning moves the model to the
+    accelerator for each call and back to the CPU afterwards, so a caller may change weights between
+    calls. One device, no DDP (every rank would print its own figures).
+
+    Args:
+        split: ``val`` or ``test``.
+        limit_batches: Batches to evaluate (a count or a fraction; None: the whole split, whatever smoke-run
+            limit the training config had).
+        quiet: No progress bar and no per-call log lines (for sweeps).
+
+    Raises:
+        DataNotFoundError: the data is missing (raised here, before any output).
+        ConfigError: an empty validation split, or a Trainer setting Lightning refuses.
+    """
+    config = {**cfg.model_dump(), "metrics": list(METRICS), "pretrained": None}  # both errors, always
+    lit_model = LitClassifier(model, config)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()  # read the data now: missing data fails here, before any output...
+    datamodule.setup("validate" if split == "val" else "test")
+    # ...and only once: a sweep calls validate() hundreds of times, and each would read it again.
+    datamodule.prepare_data = datamodule.setup = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    if split == "val" and len(datamodule.val_dataloader()) == 0:
+        raise ConfigError("the validation split is empty (data_loader.args.validation_split is 0): use --split test")
+    if quiet:
+        cfg = cfg.model_copy(deep=True)
+        cfg.trainer.progress_bar = "none"
+    limit = 1.0 if limit_batches is None else limit_batches
+    trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, limit_val_batches=limit,
+                            limit_test_batches=limit, **one_device(cfg))
+    run = trainer.validate if split == "val" else trainer.test
+    # Each call would log "epoch 0: val/top1_err ..." and, on a GPU, the visible devices, through the bar.
+    chatty = [get_logger("train"), logging.getLogger("lightning.pytorch.accelerators.cuda")] if quiet else []
+
+    def evaluate() -> Metrics:
+        levels = [logger.level for logger in chatty]
+        for logger in chatty:
+            logger.setLevel(logging.WARNING)
+        try:
+            metrics = run(lit_model, datamodule=datamodule, verbose=False)[0]
+        finally:
+            for logger, level in zip(chatty, levels):
+                logger.setLevel(level)
+        return {name: float(metrics[f"{split}/{name}"]) for name in ("top1_err", "top5_err", "loss")}
+
+    return evaluate

@@ -1,0 +1,162 @@
+"""A model <-> ``.dcz`` file: write it, read it back (Deep Compression §2-§4, Table 1's "file on disk").
+
+    report = save_compressed(model, "model.dcz", arch={"type": "LeNet300", "args": {"num_classes": 10}},
+                             masks=masks, codebooks=codebooks, indices=indices, index_bits=5)
+    model, header = read_compressed("model.dcz", MODELS)   # MODELS: {arch type name: constructor}
+
+The file (``compression.container``): magic + version, a JSON header (architecture and its arguments,
+input normalisation, class count and names, one entry per tensor) and CRC32-checked sections
+(``compression.model_codec``). No pickle anywhere. The architecture constructors are passed in by the
+caller (``models.MODELS``), so this module knows no model; reading validates every size before allocating
+and builds the declared architecture on the meta device first to bound its size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.container import MAGIC, ContainerError, read_container, write_container
+from compression.layers import layer_type
+from compression.model_codec import decode_tensor, encode_tensor
+from compression.report import build_report
+from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS
+
+MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is not one of ours
+Architectures = Mapping[str, Callable[..., nn.Module]]  # arch type name -> constructor (models.MODELS)
+IndexBits = int | str | Mapping[str, int | str]  # one width, "auto", or {layer type: width or "auto"}
+
+
+class CompressedFileError(ValueError):
+    """A ``.dcz`` file that cannot be read: the message names the file, the part and what was expected."""
+
+
+def index_bits_for(index_bits: IndexBits, kind: str | None) -> int | str:
+    """The relative-index width of a tensor owned by a layer of type ``kind`` (``Linear``, ``Conv2d``).
+
+    A mapping that does not name ``kind`` (or a tensor of no prunable layer) gets ``DEFAULT_INDEX_BITS``.
+    """
+    if not isinstance(index_bits, Mapping):
+        return index_bits
+    return index_bits.get(kind or "", DEFAULT_INDEX_BITS)
+
+
+def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
+                    masks: Mapping[str, torch.Tensor] | None = None,
+                    codebooks: Mapping[str, torch.Tensor] | None = None,
+                    indices: Mapping[str, torch.Tensor] | None = None, index_bits: IndexBits = DEFAULT_INDEX_BITS,
+                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes ``model`` as a ``.dcz`` file (atomically) and returns the compression report.
+
+    Args:
+        model: The network whose ``state_dict`` is stored (weights already pruned / quantized).
+        path: Output file.
+        arch: ``{"type": architecture name, "args": {...}}``: how the decoder rebuilds the model.
+        masks: Pruning masks by parameter name; those tensors are stored sparse.
+        codebooks, indices: Shared values and centroid indices by parameter name (quantized tensors).
+        index_bits: Bits of a relative position before Huffman coding: one number, ``"auto"`` (per tensor,
+            the width in 2..12 with the smallest coded size), or ``{"Conv2d": 8, "Linear": "auto"}`` by type.
+        metadata: Extra header fields (``input`` normalisation, ``class_names``, ``eval``...).
+
+    Returns:
+        The report (``compression.report.build_report``) measured on the written file.
+
+    Raises:
+        ValueError: weights that disagree with their mask / codebook, or an ``arch`` without a type name.
+    """
+    masks, codebooks, indices = masks or {}, codebooks or {}, indices or {}
+    if not isinstance(arch.get("type"), str):
+        raise ValueError(f"arch must name its type, got {arch!r}")
+    entries, sections, stats = [], [], []
+    for name, tensor in model.state_dict().items():
+        bits = index_bits_for(index_bits, layer_type(model, name))
+        args = (name, tensor, masks.get(name), codebooks.get(name), indices.get(name))
+        if bits == "auto":  # beyond the paper: the width that gives this tensor the smallest coded size
+            entry, parts, stat = min((encode_tensor(*args, b) for b in AUTO_INDEX_BITS), key=lambda e: e[2].bytes)
+        else:
+            entry, parts, stat = encode_tensor(*args, bits)
+        entries.append(entry)
+        sections += parts
+        stats.append(stat)
+    header = {"format": "deep-compression", "arch": arch, "tensors": entries, **(metadata or {})}
+    size = write_container(path, header, sections)
+    dense = sum(p.numel() for p in model.parameters())
+    header_bytes = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode())
+    return build_report(stats, size, dense, header_bytes)
+
+
+def read_compressed(path: str | Path, architectures: Architectures) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuilds the model stored in a ``.dcz`` file from the file alone.
+
+    Args:
+        path: The file.
+        architectures: ``{arch type name: constructor}`` the header may name (``models.MODELS``).
+
+    Returns:
+        (model in eval mode, header).
+
+    Raises:
+        CompressedFileError: missing, truncated, corrupt or foreign file, or a header that does not
+            describe one of ``architectures``.
+    """
+    try:
+        header, sections = read_container(path)
+    except ContainerError as err:
+        raise CompressedFileError(str(err)) from None
+    model = _empty_model(path, header, architectures)
+    expected = model.state_dict()
+    by_name = dict(sections)
+    state = {}
+    for entry in header["tensors"]:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in expected or list(expected[name].shape) != entry.get("shape"):
+            raise CompressedFileError(f"{path}: tensor {name!r} does not belong to {header['arch']['type']}")
+        try:
+            state[name] = decode_tensor(entry, by_name)
+        except ValueError as err:
+            raise CompressedFileError(f"{path}: {err}") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CompressedFileError(f"{path}: tensors missing from the file: {', '.join(missing[:5])}")
+    model.load_state_dict(state)
+    return model.eval(), header
+
+
+def is_compressed_file(path: str | Path) -> bool:
+    """True for a ``.dcz`` path or a file starting with the container's magic bytes."""
+    path = Path(path)
+    if path.suffix == ".dcz":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _empty_model(path: str | Path, header: dict[str, Any], architectures: Architectures) -> nn.Module:
+    """Builds the declared architecture after checking, on the meta device, that its size is sane."""
+    arch = header.get("arch")
+    if not isinstance(arch, dict) or arch.get("type") not in architectures or not isinstance(arch.get("args", {}),
+                                                                                              dict):
+        raise CompressedFileError(f"{path}: header names no known architecture (got {str(arch)[:100]}); "
+                                  f"known: {', '.join(architectures)}")
+    if not isinstance(header.get("tensors"), list):
+        raise CompressedFileError(f"{path}: header has no tensor table")
+    build = architectures[arch["type"]]
+    try:
+        with torch.device("meta"):  # no memory: a hostile num_classes cannot make us allocate
+            meta = build(**arch.get("args", {}))
+    except (TypeError, ValueError) as err:
+        raise CompressedFileError(f"{path}: cannot build {arch['type']} with {arch.get('args')}: {err}") from None
+    count = sum(math.prod(t.shape) for t in meta.state_dict().values())
+    if count > MAX_PARAMETERS:
+        raise CompressedFileError(f"{path}: header declares {count:,} weights, "
+                                  f"more than the {MAX_PARAMETERS:,} allowed")
+    return build(**arch.get("args", {}))
