@@ -21,6 +21,8 @@ from torch import nn
 from logger import get_logger
 from parse_config import METRICS, Config, ConfigError, instantiate, load_config
 from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
+from trainer.callbacks.stages import PipelineStages, plan_stages
+from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
 from trainer.lit_model import LitClassifier, network_state
 from utils import CheckpointError, load_checkpoint
@@ -110,6 +112,20 @@ def _check_order(callbacks: list[Callback]) -> None:
                           f"must come after the last pruning step (epoch {max(pruning[0].steps)})")
 
 
+def pipeline_stages(cfg: Config, callbacks: list[Callback], run_dir: Path) -> PipelineStages | None:
+    """The stage tracker of a fit that prunes and/or quantizes (None for a plain training run).
+
+    Goes after the compression callbacks, so that its per-epoch line reports what they just did.
+    """
+    pruning = next((c for c in callbacks if isinstance(c, IterativePruning)), None)
+    quantization = next((c for c in callbacks if isinstance(c, Quantization)), None)
+    if pruning is None and quantization is None:
+        return None
+    stages = plan_stages(cfg.trainer.max_epochs, pruning.steps if pruning else [],
+                         quantization.epoch if quantization else None)
+    return PipelineStages(stages, run_dir)
+
+
 def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     """Checkpointing (best + last), LR monitor, early stopping and the progress bar."""
     tc = cfg.trainer
@@ -158,6 +174,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
         enable_progress_bar=tc.progress_bar != "none",
         profiler=NullProfiler(),  # Lightning's default minus its per-hook cost (trainer/lean.py)
+        plugins=[AtomicCheckpointIO()],  # a crash or a full disk never truncates a checkpoint
     )
     if run_dir is None:
         kwargs.update(logger=False, enable_checkpointing=False, default_root_dir=None)

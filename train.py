@@ -8,18 +8,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+from torch import nn
 
-from builders import build_config_callbacks, build_datamodule, build_lit_model, build_trainer
+from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
+                      load_weights, make_evaluator, pipeline_stages)
+from compression.atomic import atomic_write_text
 from compression.model_file import IndexBits
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
-from parse_config import ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args, write_config
-from trainer.export import encode_checkpoint
+from parse_config import (Config, ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args,
+                          write_config)
+from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
+from trainer.export import encode_checkpoint, read_compressed
 from utils import CheckpointError, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
@@ -45,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     if args.resume and args.weights:
         raise ConfigError("--weights starts a new run and -r resumes one: use only one of them")
     overrides = overrides_from_args(args)
@@ -71,6 +80,8 @@ def train(args: argparse.Namespace) -> int:
     callbacks = build_config_callbacks(cfg, lit_model.model, quantized=lit_model.compression.index,
                                        start_epoch=start_epoch)
     run_dir = Path(args.resume).parent if args.resume else make_run_dir(cfg)
+    stages = pipeline_stages(cfg, callbacks, run_dir)
+    callbacks += [stages] if stages else []
     try:  # the Trainer checks accelerator, devices, strategy and precision
         trainer = build_trainer(cfg, run_dir, callbacks=callbacks)
     except ConfigError:
@@ -95,11 +106,13 @@ def train(args: argparse.Namespace) -> int:
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
     compressed = lit_model.masks or len(lit_model.compression.codebooks)
     if cfg.export.enabled and compressed and trainer.is_global_zero:
-        export(trainer, run_dir, cfg.export.index_bits)
+        report = export(trainer, run_dir, cfg.export.index_bits)
+        summary = summarize(cfg, run_dir, report, stages, time.monotonic() - started)
+        print(format_summary(summary))
     return 0
 
 
-def export(trainer: pl.Trainer, run_dir: Path, index_bits: IndexBits) -> None:
+def export(trainer: pl.Trainer, run_dir: Path, index_bits: IndexBits) -> dict[str, Any]:
     """Writes model.dcz and compression_report.{md,json} for the best checkpoint (else the last one)."""
     log = get_logger("train")
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -114,6 +127,64 @@ def export(trainer: pl.Trainer, run_dir: Path, index_bits: IndexBits) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
         logger.save()
+    return report
+
+
+def test_error(cfg: Config, model: nn.Module) -> float:
+    """Top-1 error (%) of ``model`` on the test split of the run's data."""
+    return make_evaluator(cfg, model, "test")()["top1_err"]
+
+
+def checkpoint_error(cfg: Config, path: Path) -> float | None:
+    """Test top-1 error of a checkpoint's network (None when there is no such file)."""
+    if not path.is_file():
+        return None
+    model = build_model(cfg)
+    load_weights(model, load_checkpoint(path), path)
+    return test_error(cfg, model)
+
+
+def summarize(cfg: Config, run_dir: Path, report: dict[str, Any], stages: PipelineStages | None,
+              wall_s: float) -> dict[str, Any]:
+    """The paper's Table 1 row of this run (test split), written to ``summary.json`` in the run folder.
+
+    The dense error is that of ``dense.ckpt`` (the end of the dense stage), else of the ``pretrained``
+    checkpoint when it holds a dense (unpruned) model; the compressed error is that of ``model.dcz``.
+    """
+    dense_path = run_dir / CHECKPOINT_NAMES["dense"]
+    if not dense_path.is_file() and cfg.pretrained and not load_checkpoint(cfg.pretrained).get("masks"):
+        dense_path = Path(cfg.pretrained)
+    f, t = report["file"], report["paper_total"]
+    summary = {
+        "model": cfg.arch.type, "dataset": cfg.data_loader.type, "recipe": cfg.name,
+        "dense_top1_err": checkpoint_error(cfg, dense_path),
+        "pruned_top1_err": checkpoint_error(cfg, run_dir / CHECKPOINT_NAMES["prune"]),
+        "top1_err": test_error(cfg, read_compressed(run_dir / "model.dcz")[0]),
+        "dcz_bytes": f["bytes"], "dense_bytes": f["dense_float32_bytes"], "rate": f["rate"],
+        "rate_p": t["rate_p"], "rate_pq": t["rate_pq"], "rate_pqh": t["rate_pqh"], "wall_s": round(wall_s, 1),
+        "stages": [{**vars(s), "wall_s": round(s.wall_s, 1)} for s in stages.stages] if stages else [],
+        "run_dir": str(run_dir),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The Table 1 row as a few lines of text."""
+    def err(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f} %"
+
+    stages = ", ".join(f"{st['name']} {st['wall_s']:.0f} s" for st in s["stages"])
+    return "\n".join([
+        f"Deep Compression of {s['model']} on {s['dataset']} (test split; paper's Table 1 form):",
+        f"  top-1 error   dense {err(s['dense_top1_err'])} -> pruned {err(s['pruned_top1_err'])} -> "
+        f"compressed file {err(s['top1_err'])}",
+        f"  size          {s['dense_bytes']:,} bytes dense float32 -> {s['dcz_bytes']:,} bytes model.dcz: "
+        f"{s['rate']:.1f}x smaller on disk",
+        f"  paper's rates P {s['rate_p']:.1f}x, P+Q {s['rate_pq']:.1f}x, P+Q+H {s['rate_pqh']:.1f}x",
+        f"  wall time     {s['wall_s']:.0f} s ({stages or 'one stage'})",
+        f"  report        {Path(s['run_dir']) / 'compression_report.md'}; row in {Path(s['run_dir']) / 'summary.json'}",
+    ])
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ def _layer_row(s: TensorStats) -> dict[str, Any]:
     """One row of Tables 2/3: % kept, bits per weight and per index before/after Huffman, rates."""
     dense_bits = 32 * s.numel
     if s.encoding == "raw":
-        pq = pqh = float(8 * s.bytes)
+        p = pq = pqh = float(8 * s.bytes)
     else:
+        p = s.entries * (32 + s.index_bits)  # pruning only: float32 values and fixed-width relative indices
         pq = s.entries * (s.weight_bits + s.index_bits) + s.codebook_bits
         pqh = s.entries * (s.weight_bits_huffman + s.position_bits_huffman) + s.codebook_bits
     return {
@@ -27,8 +28,8 @@ def _layer_row(s: TensorStats) -> dict[str, Any]:
         "index_bits_pq": s.index_bits, "index_bits_pqh": s.position_bits_huffman,
         "index_entropy": s.position_entropy,
         "codebook_bits": s.codebook_bits, "filler_bits_pqh": s.fillers * (s.weight_bits_huffman + s.position_bits_huffman),
-        "stream_overhead_bytes": s.stream_overhead_bytes, "bits_pq": pq, "bits_pqh": pqh,
-        "rate_pq": dense_bits / max(pq, 1), "rate_pqh": dense_bits / max(pqh, 1), "bytes": s.bytes,
+        "stream_overhead_bytes": s.stream_overhead_bytes, "bits_p": p, "bits_pq": pq, "bits_pqh": pqh,
+        "rate_p": dense_bits / max(p, 1), "rate_pq": dense_bits / max(pq, 1), "rate_pqh": dense_bits / max(pqh, 1), "bytes": s.bytes,
     }
 
 
@@ -38,12 +39,13 @@ def build_report(stats: list[TensorStats], file_bytes: int, dense_param_count: i
     included) and the real ``.dcz`` size against the dense float32 size of all parameters."""
     rows = [_layer_row(s) for s in stats]
     numel = sum(r["weights"] for r in rows)
-    bits_pq, bits_pqh = sum(r["bits_pq"] for r in rows), sum(r["bits_pqh"] for r in rows)
+    bits_p, bits_pq, bits_pqh = (sum(r[k] for r in rows) for k in ("bits_p", "bits_pq", "bits_pqh"))
     dense_bytes = 4 * dense_param_count
     return {
         "layers": rows,
-        "paper_total": {"weights": numel, "kept": sum(r["kept"] for r in rows), "bits_pq": bits_pq,
-                        "bits_pqh": bits_pqh, "rate_pq": 32 * numel / max(bits_pq, 1),
+        "paper_total": {"weights": numel, "kept": sum(r["kept"] for r in rows), "bits_p": bits_p,
+                        "bits_pq": bits_pq, "bits_pqh": bits_pqh, "rate_p": 32 * numel / max(bits_p, 1),
+                        "rate_pq": 32 * numel / max(bits_pq, 1),
                         "rate_pqh": 32 * numel / max(bits_pqh, 1)},
         "file": {"bytes": file_bytes, "header_bytes": header_bytes, "dense_float32_bytes": dense_bytes,
                  "parameters": dense_param_count, "rate": dense_bytes / max(file_bytes, 1)},
@@ -70,7 +72,7 @@ def to_markdown(report: dict[str, Any], title: str = "Compression report") -> st
     t, f = report["paper_total"], report["file"]
     lines += ["", f"**Paper's accounting** (coded bits of every tensor, codebooks included, vs 32 bits per weight): "
               f"{t['weights']:,} weights, {t['kept']:,} non-zero ({100 * t['kept'] / max(t['weights'], 1):.2f}%); "
-              f"P+Q {t['rate_pq']:.1f}×, P+Q+H **{t['rate_pqh']:.1f}×**.", "",
+              f"P {t['rate_p']:.1f}×, P+Q {t['rate_pq']:.1f}×, P+Q+H **{t['rate_pqh']:.1f}×**.", "",
               f"**File on disk**: {f['bytes']:,} bytes (header {f['header_bytes']:,}) vs {f['dense_float32_bytes']:,} "
               f"bytes of dense float32 parameters ({f['parameters']:,}, biases included): **{f['rate']:.1f}× smaller**."]
     return "\n".join(lines) + "\n"
