@@ -1,0 +1,395 @@
+"""Reproduce Table 1 of Han et al. 2016 (Deep Compression, arXiv 1510.00149v5) with one command.
+
+Each recipe (``configs/<model>_<dataset>_pipeline.json``, or ``--recipe``) runs the whole pipeline of Fig. 1
+in one ``train.py`` fit, in a subprocess: dense training, iterative pruning with retraining, trained
+quantization, Huffman coding. Its run folder holds ``summary.json`` (the Table 1 row) and
+``compression_report.json`` (Tables 2/3). ``test.py`` then evaluates ``model.dcz`` in a fresh process: a
+check that the file alone gives the error the run reported.
+
+    python benchmarks/reproduce.py                                   # LeNet-300-100 and LeNet-5, Fashion-MNIST
+    python benchmarks/reproduce.py --dataset mnist --data-dir /data/mnist
+    python benchmarks/reproduce.py --from-runs runs/reproduce/*/*    # tables from finished runs, no training
+
+Into ``--out``: ``<model>_<dataset>_<recipe>.json`` per run, ``table1.md`` (ours, then the paper's MNIST
+rows in a table of their own), ``table23.md`` (per layer) and ``rate_vs_error.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import io
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, like train.py
+
+from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+MODELS = ("lenet300", "lenet5")
+DATASETS = ("fashionmnist", "mnist")
+NETWORKS = {"LeNet300": "LeNet-300-100", "LeNet5": "LeNet-5"}  # our arch type -> the paper's name
+REQUIRED = ("model", "dataset", "recipe", "dense_top1_err", "top1_err", "dcz_bytes", "dense_bytes", "rate", "wall_s")
+NUMBERS = REQUIRED[3:]  # dense_top1_err may be null: a recipe that prunes from epoch 0 has no dense stage
+EXTRA = ("rate_p", "rate_pq", "rate_pqh", "pruned_top1_err", "stages")
+MISMATCH_PT = 0.01  # model.dcz alone vs summary.json: more than this many error points is flagged
+PAPER_LABEL = "paper, MNIST (transcribed from arXiv 1510.00149v5)"
+# Han et al. 2016 Table 1: network, top-1 error reference -> compressed (%), parameters, rate (P+Q+H).
+PAPER_ROWS = (("LeNet-300-100", 1.64, 1.58, "1070 KB", "27 KB", 40), ("LeNet-5", 0.80, 0.74, "1720 KB", "44 KB", 39))
+
+
+class ReproduceError(Exception):
+    """A mistake in the input (flags, recipes, run folders) or a failed step: one line for the user."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Reproduce the Deep Compression results table (Han et al. 2016).")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashionmnist", help="dataset of the shipped recipes")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset folder for train.py and test.py (default: the recipe's, then the system's)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="PATH",
+                        help="run this config file instead of the shipped recipes (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override passed to every train.py call, e.g. trainer.max_epochs=3 (repeatable)")
+    parser.add_argument("--save-dir", default=str(ROOT / "runs" / "reproduce"),
+                        help="where the runs go (default: runs/reproduce/ in the repository)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                        help="where the tables go (default: benchmarks/results/ in the repository)")
+    parser.add_argument("--from-runs", nargs="+", default=None, metavar="RUN_DIR",
+                        help="skip training: build the tables from these finished run folders")
+    parser.add_argument("--no-check", action="store_true", default=False,
+                        help="skip the test.py evaluation of each model.dcz (dcz_top1_err is then null)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- subprocesses
+
+
+def commit_id() -> str:
+    """``git rev-parse --short HEAD``, ``+dirty`` with changes to tracked files, ``unknown`` without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        sha, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if changes else "")
+
+
+def last_error(output: str) -> str:
+    """The child's own ``error:`` message (its last one), else its last line of output."""
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def run_streamed(cmd: list[str]) -> tuple[int, str]:
+    """Runs ``cmd`` in the repository root with its stdout and stderr passed on to our stdout as they come
+    (progress bars included: our stderr is kept for our own error line); returns its exit code and the last
+    8 KB of its output."""
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    with subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        while chunk := proc.stdout.read1(1 << 16):
+            text = decoder.decode(chunk)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            tail = (tail + text)[-8192:]
+    return proc.returncode, tail
+
+
+def path_override(key: str, path: Path) -> list[str]:
+    # JSON-quoted, so that a folder named like a number or ``true`` stays a string in the --set parser
+    return ["--set", f"{key}={json.dumps(str(path))}"]
+
+
+def train(recipe: Path, overrides: list[str], save_dir: Path, data_dir: Path | None) -> Path:
+    """Runs one recipe through ``train.py``; returns the one new run folder with a summary.json.
+
+    Raises:
+        ReproduceError: train.py failed, or left no run folder (or several) with a summary.json.
+    """
+    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(recipe)]
+    for item in overrides:
+        cmd += ["--set", item]
+    cmd += path_override("trainer.save_dir", save_dir)  # last: no --set can send the run elsewhere
+    if data_dir is not None:
+        cmd += path_override("data_loader.args.data_dir", data_dir)
+    before = set(save_dir.glob("*/*"))  # <save_dir>/<name>/<timestamp>/
+    print(f"training {recipe} (runs go under {save_dir})", flush=True)
+    code, tail = run_streamed(cmd)
+    if code != 0:
+        raise ReproduceError(f"train.py failed (exit {code}) on {recipe}: {last_error(tail)}")
+    new = sorted(d for d in set(save_dir.glob("*/*")) - before if (d / "summary.json").is_file())
+    if len(new) != 1:
+        raise ReproduceError(f"train.py finished {recipe} but {len(new)} new run folders with a summary.json "
+                             f"appeared under {save_dir} ({', '.join(map(str, new)) or 'none'}); expected one "
+                             "(is it a pruning + quantization recipe? is another run using this --save-dir?)")
+    return new[0]
+
+
+def evaluate_dcz(dcz: Path, data_dir: Path | None) -> float:
+    """Top-1 error (%) of ``dcz`` on the test split, by ``test.py --json`` in a fresh process (the file alone).
+
+    Raises:
+        ReproduceError: test.py failed or printed no JSON with ``top1_err``.
+    """
+    cmd = [sys.executable, str(ROOT / "test.py"), "-r", str(dcz), "--json"]
+    if data_dir is not None:
+        cmd += path_override("data_loader.args.data_dir", data_dir)
+    proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ReproduceError(f"test.py failed (exit {proc.returncode}) on {dcz}: "
+                             f"{last_error(proc.stderr + proc.stdout)}")
+    try:  # with --json, stdout carries one JSON object
+        return float(json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])["top1_err"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise ReproduceError(f"test.py printed no JSON object with top1_err for {dcz}") from None
+
+
+# -------------------------------------------------------------------------------------------- run folders
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, unreadable or malformed file is a ``ReproduceError``."""
+    if not path.is_file():
+        raise ReproduceError(f"{path.parent} is not a finished pipeline run: it has no {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReproduceError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ReproduceError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_run(run: Path, need_dcz: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``summary.json`` and ``compression_report.json`` of a run folder, checked for what the tables use.
+
+    Raises:
+        ReproduceError: a missing folder or file, or a summary without the keys the tables need.
+    """
+    if not run.is_dir():
+        raise ReproduceError(f"run folder not found: {run}")
+    summary, report = read_json(run / "summary.json"), read_json(run / "compression_report.json")
+    missing = [k for k in REQUIRED if k not in summary]
+    bad = [k for k in NUMBERS if k not in missing and (isinstance(summary[k], bool) or not isinstance(
+        summary[k], (int, float)) and not (k == "dense_top1_err" and summary[k] is None))]
+    if missing or bad:
+        raise ReproduceError(f"{run / 'summary.json'}: missing {', '.join(missing) or '-'}; "
+                             f"not a number: {', '.join(bad) or '-'}")
+    if need_dcz and not (run / "model.dcz").is_file():
+        raise ReproduceError(f"{run} has no model.dcz to check (pass --no-check to skip the check)")
+    return summary, report
+
+
+def result_row(summary: dict[str, Any], dcz_top1_err: float | None, commit: str) -> dict[str, Any]:
+    """The results JSON of one run: the ten required keys, then the stage figures and the file's check."""
+    row = {**{k: summary[k] for k in REQUIRED}, "commit": commit}
+    return {**row, **{k: summary.get(k) for k in EXTRA}, "dcz_top1_err": dcz_top1_err}
+
+
+def row_file(row: dict[str, Any]) -> str:
+    """``<model>_<dataset>_<recipe>.json``, lowercased; a recipe named after its model and dataset already
+    (``lenet300_fashionmnist_pipeline``) is not prefixed twice."""
+    prefix, recipe = f"{row['model']}_{row['dataset']}_".lower(), row["recipe"].lower()
+    stem = recipe if recipe.startswith(prefix) else prefix + recipe
+    return re.sub(r"[^a-z0-9_.-]+", "-", stem) + ".json"
+
+
+def mismatch(row: dict[str, Any]) -> bool:
+    return row["dcz_top1_err"] is not None and abs(row["dcz_top1_err"] - row["top1_err"]) > MISMATCH_PT
+
+
+# ----------------------------------------------------------------------------------------- tables, figure
+
+
+def _kb(n: float) -> str:
+    # The paper's KB are 1000 bytes: LeNet-300-100's 266,610 float32 parameters are its "1070 KB".
+    return f"{n / 1000:,.1f} KB" if n < 100_000 else f"{n / 1000:,.0f} KB"
+
+
+def _err(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f} %"
+
+
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}×"
+
+
+def _network(r: dict[str, Any]) -> str:
+    return NETWORKS.get(r["model"], r["model"])
+
+
+def table1(rows: list[dict[str, Any]], commit: str, command: str) -> str:
+    """Ours in the paper's Table 1 form, then the paper's MNIST rows in a table of their own."""
+    lines = ["# Table 1: Deep Compression, reproduced", "",
+             (f"`{command}` at commit `{commit}`. Top-1 error on the test split; dense = end of the dense stage, "
+              "pruned = end of the pruning stage, compressed = `model.dcz` (as the run measured it, and as "
+              "`test.py` measures the file alone)."), "",
+             ("| Network | Dataset | Recipe | Top-1 error: dense → compressed | Pruned only | model.dcz alone "
+              "(test.py) | Parameters → file | Compression rate | P / P+Q / P+Q+H | Training |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        check = _err(r["dcz_top1_err"]) + (" **mismatch**" if mismatch(r) else "")
+        paper = " / ".join(_rate(r.get(k)) for k in ("rate_p", "rate_pq", "rate_pqh"))
+        wall = f"{r['wall_s']:.0f} s" if r["wall_s"] < 120 else f"{r['wall_s'] / 60:.0f} min"
+        lines.append(f"| {_network(r)} | {r['dataset']} | {r['recipe']} | {_err(r['dense_top1_err'])} → "
+                     f"{_err(r['top1_err'])} | {_err(r['pruned_top1_err'])} | {check} | {_kb(r['dense_bytes'])} → "
+                     f"{_kb(r['dcz_bytes'])} | **{_rate(r['rate'])}** | {paper} | {wall} |")
+    lines += ["", ("Compression rate: float32 bytes of all parameters over the bytes of `model.dcz` on disk "
+                   "(header, codebooks, biases included). P / P+Q / P+Q+H: the paper's accounting (coded bits of "
+                   "every tensor against 32 bits per weight: pruning, + quantization, + Huffman coding), the one "
+                   "its Table 1 reports.")]
+    if any(mismatch(r) for r in rows):
+        lines += ["", (f"**mismatch**: `test.py` on `model.dcz` differs from the run's own figure by more than "
+                       f"{MISMATCH_PT} points.")]
+    lines += ["", f"## {PAPER_LABEL}", "",
+              ("| Network | Dataset | Top-1 error: reference → compressed | Parameters → compressed "
+               "| Compression rate |"),
+              "|---|---|---:|---:|---:|"]
+    lines += [f"| {net} | MNIST | {ref:.2f} % → {comp:.2f} % | {size} → {small} | {rate}× |"
+              for net, ref, comp, size, small, rate in PAPER_ROWS]
+    return "\n".join(lines) + "\n"
+
+
+def table23(runs: list[tuple[Path, dict[str, Any], dict[str, Any]]]) -> str:
+    """Per layer, the paper's Table 2/3 columns and both totals, from each run's ``compression_report.json``
+    (rendered by ``compression.report.to_markdown``, the one renderer of that report).
+
+    Raises:
+        ReproduceError: a report without the fields the renderer needs (e.g. one from an older version).
+    """
+    from compression.report import to_markdown  # imports torch: only once the tables are due
+
+    parts = ["# Tables 2 and 3: compression per layer\n"]
+    for run, summary, report in runs:
+        title = f"{_network(summary)} on {summary['dataset']} ({summary['recipe']})"
+        try:
+            parts.append("#" + to_markdown(report, title))  # its "# title" becomes a section of ours
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ReproduceError(f"{run / 'compression_report.json'}: cannot render it ({type(err).__name__}: "
+                                 f"{err}); was it written by an older version?") from None
+    return "\n".join(parts)
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes:
+    """PNG of test error against compression rate: a point per stage (dense, pruned, file), a line per recipe."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # non-interactive, no display needed
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        points = [(name, x, y) for name, x, y in (("dense", 1.0, r["dense_top1_err"]),
+                                                  ("pruned (P)", r["rate_p"], r["pruned_top1_err"]),
+                                                  ("model.dcz", r["rate"], r["top1_err"])) if x and y is not None]
+        ax.plot([x for _, x, _ in points], [y for _, _, y in points], marker="o",
+                label=f"{_network(r)}, {r['dataset']} ({r['recipe']})")
+        for name, x, y in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+    ax.set(xlabel="compression rate (× smaller than dense float32, log scale)", ylabel="test top-1 error (%)",
+           title="Deep Compression: test error against compression rate")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    return png.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def recipes_to_run(args: argparse.Namespace) -> list[Path]:
+    """``--recipe`` files, else the shipped ``configs/<model>_<dataset>_pipeline.json``; all must exist."""
+    models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+    if not args.recipe and (not models or any(m not in MODELS for m in models)):
+        raise ReproduceError(f"--models {args.models!r}: expected a comma-separated list of {', '.join(MODELS)}")
+    recipes = ([Path(p).expanduser().resolve() for p in args.recipe]
+               or [ROOT / "configs" / f"{m}_{args.dataset}_pipeline.json" for m in models])
+    for recipe in recipes:
+        if not recipe.is_file():
+            raise ReproduceError(f"recipe not found: {recipe}")
+    bad = [item for item in args.overrides if not item.partition("=")[0].strip() or "=" not in item]
+    if bad:
+        raise ReproduceError(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. --set trainer.max_epochs=3")
+    return recipes
+
+
+def run_folders(args: argparse.Namespace, data_dir: Path | None) -> list[Path]:
+    """``--from-runs``, else the run folders of the recipes, trained one after the other."""
+    if args.from_runs:
+        return [Path(p).expanduser().resolve() for p in args.from_runs]
+    recipes, save_dir, runs = recipes_to_run(args), Path(args.save_dir).expanduser().resolve(), []
+    for recipe in recipes:
+        try:
+            runs.append(train(recipe, args.overrides, save_dir, data_dir))
+        except ReproduceError as err:  # the runs before it are done: say where
+            done = f"; finished runs (tables with --from-runs): {' '.join(map(str, runs))}" if runs else ""
+            raise ReproduceError(f"{err}{done}") from None
+    return runs
+
+
+def collect(args: argparse.Namespace, commit: str) -> tuple[list[dict[str, Any]], list[tuple[Path, dict, dict]]]:
+    """Trains (or takes ``--from-runs``), checks each model.dcz; returns the rows and (run, summary, report)s."""
+    if args.from_runs and args.recipe:
+        raise ReproduceError("--from-runs builds tables from finished runs and --recipe trains new ones: pick one")
+    data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise ReproduceError(f"--data-dir {args.data_dir}: no such folder")
+    runs = run_folders(args, data_dir)
+    loaded = [(run, *load_run(run, need_dcz=not args.no_check)) for run in runs]
+    rows = [result_row(summary, None, commit) for _, summary, _ in loaded]
+    names = [row_file(r) for r in rows]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ReproduceError(f"several runs of one model, dataset and recipe would each write {', '.join(twice)}: "
+                             "pass one run of each")
+    for (run, _, _), row in zip(loaded, [] if args.no_check else rows):
+        row["dcz_top1_err"] = evaluate_dcz(run / "model.dcz", data_dir)
+        if mismatch(row):
+            print(f"warning: {run / 'model.dcz'}: test.py gives top-1 error {row['dcz_top1_err']:.2f} %, "
+                  f"summary.json {row['top1_err']:.2f} %", file=sys.stderr)
+    return rows, loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    commit, out = commit_id(), Path(args.out).expanduser().resolve()
+    try:  # everything is measured and rendered before the first file is written
+        rows, loaded = collect(args, commit)
+        files = {out / row_file(r): json.dumps(r, indent=2) + "\n" for r in rows}
+        files[out / "table1.md"] = text = table1(rows, commit, shlex.join(["python", "benchmarks/reproduce.py", *argv]))
+        files[out / "table23.md"] = table23(loaded)
+        png = plot(rows)
+    except ReproduceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: --out {out}: cannot create the folder: {err.strerror}", file=sys.stderr)
+        return 2
+    for path, content in files.items():
+        atomic_write_text(path, content)
+    atomic_write_bytes(out / "rate_vs_error.png", png)
+    print(text)
+    print(f"wrote {', '.join(p.name for p in files)}, rate_vs_error.png in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
