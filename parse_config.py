@@ -333,19 +333,32 @@ def make_run_dir(cfg: Config) -> Path:
     if os.environ.get("DC_RUN_DIR"):
         return Path(os.environ["DC_RUN_DIR"])
     base = Path(cfg.trainer.save_dir).expanduser() / cfg.name
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        run_dir = _fresh_folder(base)
+    except OSError as err:  # save_dir is a file, read-only, on a full disk...
+        raise ConfigError(f"trainer.save_dir: cannot create a run folder under {base}: {err.strerror or err}; "
+                          f"choose a writable folder, e.g. --set trainer.save_dir=runs/") from None
+    try:
+        write_config(cfg, run_dir / "config.json")
+    except OSError as err:
+        run_dir.rmdir()  # the temporary file is gone already (atomic write): the folder is empty
+        raise ConfigError(f"trainer.save_dir: cannot write {run_dir / 'config.json'}: {err.strerror or err}; "
+                          f"free some space or choose another folder with --set trainer.save_dir=DIR") from None
+    return run_dir
+
+
+def _fresh_folder(base: Path) -> Path:
+    """``base/<timestamp>``, never an existing one: two runs in the same second get -1, -2, ..."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):  # two runs in the same second get -1, -2, ... (mkdir is atomic)
+    for attempt in range(1000):
         run_dir = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
         try:
-            run_dir.mkdir()
-            break
+            run_dir.mkdir()  # atomic: only one process creates it
+            return run_dir
         except FileExistsError:
             continue
-    else:
-        raise RuntimeError(f"could not create a fresh run folder under {base}")
-    write_config(cfg, run_dir / "config.json")
-    return run_dir
+    raise OSError(f"could not create a fresh run folder under {base}")
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -20,7 +20,7 @@ from data import DataNotFoundError
 from logger import setup_logging
 from parse_config import (Config, ConfigError, add_override_args, apply_overrides, overrides_from_args, parse_config,
                           read_json)
-from trainer.export import is_compressed_file, read_compressed
+from trainer.export import MACHINE_KEYS, is_compressed_file, read_compressed
 from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileError)
@@ -52,12 +52,20 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, A
 
 
 def evaluation_config(header: dict[str, Any]) -> dict[str, Any] | None:
-    """A config to evaluate a .dcz file with: its architecture and the data settings stored with it."""
+    """A config to evaluate a .dcz file with: its architecture and the dataset stored with it.
+
+    Where the data is and whether to download come from this command line only (``--set
+    data_loader.args.data_dir=...``; default ``data/``, then the system folder): a file never decides
+    where we read or write, whatever its header says.
+    """
     evaluation = header.get("eval")
-    if not isinstance(evaluation, dict) or "data_loader" not in evaluation:
+    loader = evaluation.get("data_loader") if isinstance(evaluation, dict) else None
+    if not isinstance(loader, dict) or not isinstance(loader.get("args", {}), dict):
         return None
+    args = {k: v for k, v in loader.get("args", {}).items() if k not in MACHINE_KEYS}
     # The optimizer is required by the schema but unused by evaluation.
-    return {"name": "dcz", **evaluation, "arch": header["arch"], "optimizer": {"type": "SGD", "args": {"lr": 0.0}}}
+    return {"name": "dcz", **evaluation, "data_loader": {**loader, "args": args}, "arch": header["arch"],
+            "optimizer": {"type": "SGD", "args": {"lr": 0.0}}}
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -28,9 +29,11 @@ from parse_config import (Config, ConfigError, add_override_args, load_config, m
                           write_config)
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.export import encode_checkpoint, read_compressed
-from utils import CheckpointError, count_parameters, load_checkpoint
+from utils import CheckpointError, check_checkpoint_file, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
+# Writing the run's files failed for a reason the user can fix (full disk, read-only folder, quota).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,17 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: cannot write {err.filename or 'the run files'}: {err.strerror}; every file already written "
+              f"is complete (atomic writes): free space or fix the folder's permissions, then resume with "
+              f"-r RUN/last.ckpt", file=sys.stderr)
+        return 2
 
 
 def train(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    setup_logging(None)  # the console until the run folder exists (then info.log too)
     if args.resume and args.weights:
         raise ConfigError("--weights starts a new run and -r resumes one: use only one of them")
     overrides = overrides_from_args(args)
     if args.weights:
         overrides.append(("pretrained", args.weights))
-    if args.resume and not Path(args.resume).is_file():
-        raise CheckpointError(f"checkpoint not found: {args.resume}")
+    if args.resume:  # a file that is no checkpoint is refused before its folder's config is even looked at
+        check_checkpoint_file(args.resume)
     cfg = load_config(args.config, args.resume, overrides)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,21 +16,56 @@ class CheckpointError(ValueError):
     """A checkpoint path that does not exist or is not one of our checkpoints."""
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a Lightning checkpoint on the CPU without executing code (``weights_only=True``).
+# torch writes checkpoint archives uncompressed (ZIP_STORED): what they unpack to is what is on disk. An
+# archive whose entries inflate far beyond its size is crafted; it is refused before torch.load reads it.
+MAX_INFLATE_BYTES = 64 << 20  # slack over the file's own size (zip directory, alignment padding)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuses a zip whose entries would unpack to much more than the file holds (a "zip bomb")."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+    limit = path.stat().st_size + MAX_INFLATE_BYTES
+    if unpacked > limit:
+        raise CheckpointError(f"{path} would unpack to {unpacked:,} bytes from {path.stat().st_size:,} on disk "
+                              f"(more than {limit:,}): not a checkpoint torch wrote; refused before loading")
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """Cheap checks before loading: the file exists, is a zip archive, and unpacks to about its size.
 
     Raises:
-        CheckpointError: missing file, unreadable file, or no ``state_dict`` inside.
+        CheckpointError: naming the file and what is wrong with it.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive; truncated or another format)")
+    _check_archive(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a Lightning checkpoint on the CPU without executing code (``weights_only=True``).
+
+    Raises:
+        CheckpointError: missing file, unreadable file, or no ``state_dict`` inside.
+    """
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if blocked:  # a pickle that would import and call something: name it
+            raise CheckpointError(f"{path} was refused: it asks to load the Python object {blocked.group(1)}, "
+                                  f"which weights_only=True blocks (a checkpoint of ours holds tensors and "
+                                  f"plain values only)") from None
+        first = text.splitlines()[0][:200] if text else type(err).__name__
         raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' inside)")

@@ -143,6 +143,10 @@ def evaluate_dcz(dcz: Path, data_dir: Path | None) -> float:
         ReproduceError: test.py failed or printed no JSON with ``top1_err``.
     """
     cmd = [sys.executable, str(ROOT / "test.py"), "-r", str(dcz), "--json"]
+    if data_dir is None:  # a .dcz names no folder (a file never decides where we read): the run's config does
+        config = dcz.parent / "config.json"
+        stored = json.loads(config.read_text()).get("data_loader", {}).get("args", {}) if config.is_file() else {}
+        data_dir = Path(stored["data_dir"]) if "data_dir" in stored else None
     if data_dir is not None:
         cmd += path_override("data_loader.args.data_dir", data_dir)
     proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)

@@ -34,6 +34,7 @@ from compression.atomic import atomic_open
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
 FORMAT_VERSION = 1
+MAX_PLAUSIBLE_VERSION = 64  # above this, a version field is corrupt rather than from a future release
 MAX_HEADER_BYTES = 16 << 20  # the header is a table of contents, not data
 MAX_NAME_BYTES = 255
 _PREFIX = struct.Struct("<8sHII")  # magic, version, header length, header CRC32
@@ -133,11 +134,13 @@ def _read_header(r: _Reader) -> dict:
     if magic != MAGIC:
         raise ContainerError(f"{r.path}: not a .dcz file (starts with {magic!r}, expected {MAGIC!r})")
     _, version, length, crc = _PREFIX.unpack(magic + r.take(_PREFIX.size - len(MAGIC), "version and header size"))
-    if version > FORMAT_VERSION:
+    # The version field has no CRC of its own: a value no release could have written is damage, not news.
+    if FORMAT_VERSION < version <= MAX_PLAUSIBLE_VERSION:
         raise ContainerError(f"{r.path}: written by a newer version of deep-compression (format {version}, "
                              f"this one reads up to {FORMAT_VERSION}); upgrade deep-compression to read it")
-    if version < 1:
-        raise ContainerError(f"{r.path}: invalid format version {version}, expected 1..{FORMAT_VERSION}")
+    if not 1 <= version <= FORMAT_VERSION:
+        raise ContainerError(f"{r.path}: corrupt file: format version field holds {version}, "
+                             f"expected 1..{FORMAT_VERSION}")
     if length > MAX_HEADER_BYTES:
         raise ContainerError(f"{r.path}: header length {length} exceeds the limit of {MAX_HEADER_BYTES} bytes")
     raw = r.take(length, "header")

@@ -13,6 +13,7 @@ and builds the declared architecture on the meta device first to bound its size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -29,6 +30,11 @@ from compression.report import build_report
 from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS
 
 MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is not one of ours
+# A file may decode to at most this many times its own size (plus a floor for small files): Deep Compression
+# reaches 35-49x (AlexNet, VGG-16) and beyond-the-paper LeNets 100-200x; a 31 KB file claiming a 2 GB model
+# is refused before anything is allocated. read_compressed(max_decoded_bytes=...) raises it for one call.
+MAX_DECODE_RATIO = 1000
+MIN_DECODE_CAP = 256 << 20
 Architectures = Mapping[str, Callable[..., nn.Module]]  # arch type name -> constructor (models.MODELS)
 IndexBits = int | str | Mapping[str, int | str]  # one width, "auto", or {layer type: width or "auto"}
 
@@ -84,46 +90,69 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
         entries.append(entry)
         sections += parts
         stats.append(stat)
-    header = {"format": "deep-compression", "arch": arch, "tensors": entries, **(metadata or {})}
+    header = {"format": "deep-compression", "arch": arch, "tensors": entries, **(metadata or {}),
+              "sha256": payload_digest(sections)}
     size = write_container(path, header, sections)
     dense = sum(p.numel() for p in model.parameters())
     header_bytes = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode())
     return build_report(stats, size, dense, header_bytes)
 
 
-def read_compressed(path: str | Path, architectures: Architectures) -> tuple[nn.Module, dict[str, Any]]:
+def payload_digest(sections: list[tuple[str, bytes]]) -> str:
+    """SHA-256 over every section's name and data, in file order (stored in the header).
+
+    The per-section CRCs catch damage; this catches a file edited and re-CRC'd section by section, or
+    sections swapped between files. Integrity, not authenticity: whoever can edit the file can recompute it.
+    """
+    digest = hashlib.sha256()
+    for name, data in sections:
+        raw = name.encode("utf-8")
+        digest.update(len(raw).to_bytes(1, "little") + raw + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def read_compressed(path: str | Path, architectures: Architectures,
+                    max_decoded_bytes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the model stored in a ``.dcz`` file from the file alone.
+
+    Nothing real is allocated before the header's architecture, built on the meta device, agrees with the
+    tensor table (names, shapes, dtypes) and its size with ``max_decoded_bytes``; decoded values must be
+    finite.
 
     Args:
         path: The file.
         architectures: ``{arch type name: constructor}`` the header may name (``models.MODELS``).
+        max_decoded_bytes: Largest model (bytes of its tensors) to rebuild; default ``MAX_DECODE_RATIO`` times
+            the file's size, at least ``MIN_DECODE_CAP``.
 
     Returns:
         (model in eval mode, header).
 
     Raises:
-        CompressedFileError: missing, truncated, corrupt or foreign file, or a header that does not
-            describe one of ``architectures``.
+        CompressedFileError: missing, truncated, corrupt or foreign file, a header that does not describe one
+            of ``architectures``, a model larger than allowed, or non-finite values.
     """
     try:
         header, sections = read_container(path)
     except ContainerError as err:
         raise CompressedFileError(str(err)) from None
-    model = _empty_model(path, header, architectures)
-    expected = model.state_dict()
+    meta = _meta_model(path, header, architectures)
+    cap = max_decoded_bytes or max(MAX_DECODE_RATIO * Path(path).stat().st_size, MIN_DECODE_CAP)
+    _check_table(path, header, meta, cap)
+    if header.get("sha256") != payload_digest(sections):
+        raise CompressedFileError(f"{path}: corrupt file: the sections do not match the header's SHA-256 "
+                                  f"(edited, or sections from another file)")
     by_name = dict(sections)
     state = {}
     for entry in header["tensors"]:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in expected or list(expected[name].shape) != entry.get("shape"):
-            raise CompressedFileError(f"{path}: tensor {name!r} does not belong to {header['arch']['type']}")
         try:
-            state[name] = decode_tensor(entry, by_name)
+            state[entry["name"]] = tensor = decode_tensor(entry, by_name)
         except ValueError as err:
             raise CompressedFileError(f"{path}: {err}") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CompressedFileError(f"{path}: tensors missing from the file: {', '.join(missing[:5])}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CompressedFileError(f"{path}: tensor {entry['name']!r} holds NaN or infinite values")
+    model = architectures[header["arch"]["type"]](**header["arch"].get("args", {}))
     model.load_state_dict(state)
     return model.eval(), header
 
@@ -140,8 +169,8 @@ def is_compressed_file(path: str | Path) -> bool:
         return False
 
 
-def _empty_model(path: str | Path, header: dict[str, Any], architectures: Architectures) -> nn.Module:
-    """Builds the declared architecture after checking, on the meta device, that its size is sane."""
+def _meta_model(path: str | Path, header: dict[str, Any], architectures: Architectures) -> nn.Module:
+    """The declared architecture on the meta device (no memory), after checking its size is sane."""
     arch = header.get("arch")
     if not isinstance(arch, dict) or arch.get("type") not in architectures or not isinstance(arch.get("args", {}),
                                                                                               dict):
@@ -159,4 +188,27 @@ def _empty_model(path: str | Path, header: dict[str, Any], architectures: Archit
     if count > MAX_PARAMETERS:
         raise CompressedFileError(f"{path}: header declares {count:,} weights, "
                                   f"more than the {MAX_PARAMETERS:,} allowed")
-    return build(**arch.get("args", {}))
+    return meta
+
+
+def _check_table(path: str | Path, header: dict[str, Any], meta: nn.Module, cap: int) -> None:
+    """The tensor table names every tensor of ``meta`` once, with its shape and dtype, within ``cap`` bytes."""
+    expected = meta.state_dict()
+    seen = set()
+    for entry in header["tensors"]:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in expected or name in seen or list(expected[name].shape) != entry.get("shape"):
+            raise CompressedFileError(f"{path}: tensor {name!r} does not belong to {header['arch']['type']} "
+                                      f"(or appears twice, or has another shape)")
+        if entry.get("dtype") != str(expected[name].dtype).removeprefix("torch."):
+            raise CompressedFileError(f"{path}: tensor {name!r} is declared {entry.get('dtype')!r}, but "
+                                      f"{header['arch']['type']} holds it as {expected[name].dtype}")
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CompressedFileError(f"{path}: tensors missing from the file: {', '.join(missing[:5])}")
+    size = sum(t.numel() * t.element_size() for t in expected.values())
+    if size > cap:
+        raise CompressedFileError(f"{path}: the model it declares takes {size:,} bytes, more than the {cap:,} "
+                                  f"allowed for a file of this size (read_compressed(max_decoded_bytes=...) "
+                                  f"raises the limit)")

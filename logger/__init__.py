@@ -15,6 +15,24 @@ from pathlib import Path
 CONFIG_FILE = Path(__file__).with_name("logger_config.json")
 
 
+class StderrHandler(logging.StreamHandler):
+    """A console handler that writes to whatever ``sys.stderr`` is *now* (not the one of setup time), so
+    a redirected or replaced stderr (a test's capture, a notebook) never receives a write after closing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
     """Configures the ``deep_compression`` loggers; without ``run_dir``, logs to the console only."""
     config = json.loads(CONFIG_FILE.read_text())

@@ -102,7 +102,7 @@ def test_text_mode_mangling_is_caught_by_the_magic(tmp_path: Path) -> None:
 def test_future_version_asks_for_an_upgrade(tmp_path: Path) -> None:
     with pytest.raises(ContainerError, match="newer version.*format 2.*upgrade"):
         read_container(raw_file(tmp_path, version=FORMAT_VERSION + 1))
-    with pytest.raises(ContainerError, match="invalid format version 0"):
+    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..1"):
         read_container(raw_file(tmp_path, version=0))
 
 

@@ -154,8 +154,8 @@ def test_train_writes_dcz_and_test_py_gives_identical_results(tmp_path: Path, id
     assert report["file"]["bytes"] == os.path.getsize(run / "model.dcz")
     capsys.readouterr()
     results = []
-    for path in (run / "best.ckpt", run / "model.dcz"):
-        assert test.main(["-r", str(path), "--json"]) == 0
+    for path in (run / "best.ckpt", run / "model.dcz"):  # a .dcz names no data folder: the user does
+        assert test.main(["-r", str(path), "--json", "--set", f"data_loader.args.data_dir={idx_dir}"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     for key in ("loss", "top1_err", "top5_err", "nonzero", "params", "layers"):
         assert results[0][key] == results[1][key], key
@@ -226,7 +226,8 @@ def re_escape(text: str) -> str:
 @pytest.mark.parametrize(("mutate", "match"), [
     (lambda d: d[: len(d) // 2], "truncated"),
     (lambda d: b"PK\x03\x04" + d[4:], "not a .dcz file"),
-    (lambda d: d[:8] + (99).to_bytes(2, "little") + d[10:], "newer version"),
+    (lambda d: d[:8] + (5).to_bytes(2, "little") + d[10:], "newer version"),
+    (lambda d: d[:8] + (999).to_bytes(2, "little") + d[10:], "corrupt file: format version field holds 999"),
     (lambda d: d[:20] + bytes([d[20] ^ 0xFF]) + d[21:], "header"),
 ])
 def test_damaged_files_give_one_clear_error(dcz_file: Path, tmp_path: Path, mutate: Any, match: str) -> None:

@@ -52,7 +52,7 @@ def whole_run(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> tuple[
     return only_run(tmp_path / "runs"), printed.getvalue()
 
 
-def test_one_command_from_random_weights_to_a_decoded_dcz(whole_run: tuple[Path, str],
+def test_one_command_from_random_weights_to_a_decoded_dcz(whole_run: tuple[Path, str], idx_dir: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     run, out = whole_run
     summary = json.loads((run / "summary.json").read_text())
@@ -70,7 +70,7 @@ def test_one_command_from_random_weights_to_a_decoded_dcz(whole_run: tuple[Path,
     # The Table 1 row printed at the end, with the errors test.py measures on the same files.
     assert re.search(r"top-1 error +dense [\d.]+ % -> pruned [\d.]+ % -> compressed file [\d.]+ %", out)
     assert f"{summary['dcz_bytes']:,} bytes model.dcz: {summary['rate']:.1f}x smaller on disk" in out
-    assert test.main(["-r", str(run / "model.dcz"), "--json"]) == 0
+    assert test.main(["-r", str(run / "model.dcz"), "--json", "--set", f"data_loader.args.data_dir={idx_dir}"]) == 0
     assert json.loads(capsys.readouterr().out)["top1_err"] == pytest.approx(summary["top1_err"], abs=1e-4)
     assert test.main(["-r", str(run / "dense.ckpt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1_err"] == pytest.approx(summary["dense_top1_err"], abs=1e-4)

@@ -55,9 +55,9 @@ def compress_(model: torch.nn.Module, keep: float, clusters: int) -> dict[str, d
     return state
 
 
-def dcz_top1_err(dcz: Path, capsys: pytest.CaptureFixture[str]) -> float:
+def dcz_top1_err(dcz: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> float:
     capsys.readouterr()
-    assert test_script.main(["-r", str(dcz), "--json"]) == 0
+    assert test_script.main(["-r", str(dcz), "--json", "--set", f"data_loader.args.data_dir={idx_dir}"]) == 0
     return json.loads(capsys.readouterr().out)["top1_err"]
 
 
@@ -68,13 +68,14 @@ def fake_run(folder: Path, idx_dir: Path, arch: str, recipe: str, capsys: pytest
     torch.manual_seed(0)
     model = MODELS[arch]()
     cfg = tiny_config(idx_dir, folder.parent)
+    (folder / "config.json").write_text(json.dumps(cfg))  # where the run's data is (the .dcz never says)
     with torch.no_grad():
         report = save_compressed(model, folder / "model.dcz", arch={"type": arch, "args": {}}, index_bits="auto",
                                  metadata=file_metadata(cfg), **compress_(model, 0.1, 16))
     (folder / "compression_report.json").write_text(json.dumps(report))
     f, t = report["file"], report["paper_total"]
     summary = {"model": arch, "dataset": "FashionMNIST", "recipe": recipe, "dense_top1_err": 12.5,
-               "pruned_top1_err": 13.0, "top1_err": dcz_top1_err(folder / "model.dcz", capsys) + offset,
+               "pruned_top1_err": 13.0, "top1_err": dcz_top1_err(folder / "model.dcz", idx_dir, capsys) + offset,
                "dcz_bytes": f["bytes"], "dense_bytes": f["dense_float32_bytes"], "rate": f["rate"],
                "rate_p": t.get("rate_p", 9.0), "rate_pq": t["rate_pq"], "rate_pqh": t["rate_pqh"], "wall_s": 95.0,
                "stages": [{"name": "dense", "first_epoch": 0, "last_epoch": 0, "wall_s": 30.0},

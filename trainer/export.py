@@ -51,11 +51,19 @@ def load_compressed(path: str | Path) -> nn.Module:
     return read_compressed(path)[0]
 
 
+# Where the data is and whether to download it are the evaluating user's to say, never the file's: a file
+# that named a folder would decide where test.py writes, and would leak the training machine's paths.
+MACHINE_KEYS = ("data_dir", "download")
+
+
 def file_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
     """Header fields beside the tensors: class count and names, input normalisation, and what test.py
-    needs to evaluate the file (the data it was trained on); the training settings stay out."""
+    needs to evaluate the file (the dataset it was trained on, without ``MACHINE_KEYS``); the training
+    settings stay out."""
     datamodule = DATAMODULES[config["data_loader"]["type"]]
-    evaluation = {key: config[key] for key in ("name", "data_loader", "loss", "metrics") if key in config}
+    evaluation = {key: config[key] for key in ("name", "loss", "metrics") if key in config}
+    args = {k: v for k, v in config["data_loader"].get("args", {}).items() if k not in MACHINE_KEYS}
+    evaluation["data_loader"] = {"type": config["data_loader"]["type"], "args": args}
     return {"num_classes": config["arch"]["args"].get("num_classes"), "class_names": list(datamodule.classes),
             "eval": evaluation, "input": {"mean": list(datamodule.mean), "std": list(datamodule.std)}}
 

@@ -1,0 +1,251 @@
+"""Untrusted files (issue: nothing trusted): crafted and mutated .dcz files, malicious checkpoints, and
+headers that try to choose where we read or write. Every case ends in one clear error, never a traceback,
+an allocation out of proportion to the file, or a decode that differs from what was encoded."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from compression.container import write_container
+from compression.model_file import CompressedFileError, payload_digest
+from compression.model_file import read_compressed as read_with
+from models import MODELS, LeNet300
+from trainer.export import read_compressed, save_compressed
+from utils import CheckpointError, load_checkpoint
+
+from helpers import load_script, only_run, tiny_config
+
+ARCH = {"type": "LeNet300", "args": {"num_classes": 10}}
+
+
+def small_file(tmp_path: Path, **edit: Any) -> tuple[Path, LeNet300]:
+    """A pruned and quantized LeNet-300-100 file; ``edit`` replaces weights before encoding."""
+    from compression.kmeans import kmeans_1d
+    from compression.pruning import magnitude_mask
+
+    torch.manual_seed(0)
+    model = LeNet300()
+    masks, codebooks, indices = {}, {}, {}
+    with torch.no_grad():
+        for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+            w = dict(model.named_parameters())[name]
+            masks[name] = magnitude_mask(w, 0.05)
+            result = kmeans_1d(w[masks[name]].double().numpy(), 8)
+            codebooks[name] = torch.from_numpy(result.centroids).float()
+            indices[name] = torch.from_numpy(result.labels)
+            w.zero_()
+            w[masks[name]] = codebooks[name][indices[name]]
+        for name, value in edit.items():
+            dict(model.named_parameters())[name].copy_(value)
+    path = tmp_path / "m.dcz"
+    save_compressed(model, path, arch=ARCH, masks=masks, codebooks=codebooks, indices=indices)
+    return path, model
+
+
+def rewrite_header(path: Path, change: Any) -> None:
+    """Edits the JSON header and recomputes its CRC (what a deliberate editor would do)."""
+    data = path.read_bytes()
+    length = struct.unpack_from("<I", data, 10)[0]
+    header = json.loads(data[18:18 + length])
+    change(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(data[:10] + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw + data[18 + length:])
+
+
+class Recorder(dict):
+    """An architecture table that counts real (non-meta) constructions."""
+
+    def __init__(self) -> None:
+        super().__init__(MODELS)
+        self.real = 0
+        for name, build in MODELS.items():
+            self[name] = self._wrap(build)
+
+    def _wrap(self, build: Any) -> Any:
+        def construct(**kwargs: Any) -> Any:
+            model = build(**kwargs)
+            self.real += next(model.parameters()).device.type != "meta"
+            return model
+        return construct
+
+
+def test_hostile_class_count_is_refused_before_anything_real_is_built(tmp_path: Path) -> None:
+    path, _ = small_file(tmp_path)
+    rewrite_header(path, lambda h: h["arch"]["args"].update(num_classes=5_000_000))
+    architectures = Recorder()
+    with pytest.raises(CompressedFileError, match=r"tensor 'fc3.weight' does not belong to LeNet300"):
+        read_with(path, architectures)
+    assert architectures.real == 0  # only the meta-device model was built
+
+
+def test_a_tiny_file_cannot_declare_a_huge_model(tmp_path: Path) -> None:
+    # 600M weights (2.4 GB) declared by a file of a few hundred bytes, every tensor sparse and empty.
+    with torch.device("meta"):
+        meta = LeNet300(in_features=2_000_000)
+    tensors = [{"name": n, "shape": list(t.shape), "dtype": "float32", "encoding": "sparse", "index_bits": 5,
+                "kept": 0, "entries": 0} for n, t in meta.state_dict().items()]
+    write_container(tmp_path / "huge.dcz", {"arch": {"type": "LeNet300", "args": {"in_features": 2_000_000}},
+                                             "tensors": tensors, "sha256": payload_digest([])}, [])
+    architectures = Recorder()
+    with pytest.raises(CompressedFileError, match=r"takes 2,\d{3},\d{3},\d{3} bytes, more than the"):
+        read_with(tmp_path / "huge.dcz", architectures)
+    assert architectures.real == 0
+
+
+@pytest.mark.parametrize("name", ["fc1.bias", "fc3.weight"])
+def test_non_finite_values_are_refused(tmp_path: Path, name: str) -> None:
+    value = torch.zeros(100 if name == "fc1.bias" else (10, 100))  # fc1.bias is raw; fc3.weight quantized
+    path, model = small_file(tmp_path)
+    if name == "fc1.bias":
+        path, _ = small_file(tmp_path, **{"fc1.bias": torch.full((300,), float("nan"))})
+    else:  # a NaN centroid: edit the codebook section and its CRC, then the header's digest
+        data = bytearray(path.read_bytes())
+        offsets = sections_of(path)
+        start, _ = offsets[f"{name}:codebook"]
+        data[start:start + 4] = struct.pack("<f", float("inf"))
+        path.write_bytes(bytes(data))
+        fix_crcs(path)
+    with pytest.raises(CompressedFileError, match=f"{name}' holds NaN or infinite values"):
+        read_compressed(path)
+
+
+def sections_of(path: Path) -> dict[str, tuple[int, int]]:
+    """{name: (data offset, length)}, parsed independently of the reader."""
+    data = path.read_bytes()
+    at = 18 + struct.unpack_from("<I", data, 10)[0]
+    count, at = struct.unpack_from("<I", data, at)[0], at + 4
+    out = {}
+    for _ in range(count):
+        n = data[at]
+        name, length = data[at + 1:at + 1 + n].decode(), struct.unpack_from("<Q", data, at + 1 + n)[0]
+        out[name] = (at + 1 + n + 12, length)
+        at += 1 + n + 12 + length
+    return out
+
+
+def fix_crcs(path: Path) -> None:
+    """Recomputes every section CRC and the header's SHA-256: a file edited on purpose, not damaged."""
+    data = bytearray(path.read_bytes())
+    pairs = []
+    for name, (start, length) in sections_of(path).items():
+        raw = name.encode()
+        struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start:start + length]), zlib.crc32(raw)))
+        pairs.append((name, bytes(data[start:start + length])))
+    path.write_bytes(bytes(data))
+    rewrite_header(path, lambda h: h.update(sha256=payload_digest(pairs)))
+
+
+def test_section_edited_and_re_crcd_is_caught_by_the_digest(tmp_path: Path) -> None:
+    path, _ = small_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    start, length = sections_of(path)["fc1.weight:index"]
+    data[start + length // 2] ^= 0x01
+    raw = b"fc1.weight:index"
+    struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start:start + length]), zlib.crc32(raw)))
+    path.write_bytes(bytes(data))
+    with pytest.raises(CompressedFileError, match="do not match the header's SHA-256"):
+        read_compressed(path)
+
+
+def test_declared_dtype_must_be_the_architectures(tmp_path: Path) -> None:
+    path, _ = small_file(tmp_path)
+    rewrite_header(path, lambda h: next(t for t in h["tensors"] if t["name"] == "fc1.bias").update(dtype="int32"))
+    with pytest.raises(CompressedFileError, match=r"'fc1.bias' is declared 'int32', but LeNet300 holds it as "
+                                                  r"torch.float32"):
+        read_compressed(path)
+
+
+@pytest.mark.parametrize(("version", "match"), [(2, "written by a newer version"), (51966, "corrupt file")])
+def test_version_field(tmp_path: Path, version: int, match: str) -> None:
+    path, _ = small_file(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + struct.pack("<H", version) + data[10:])
+    with pytest.raises(CompressedFileError, match=match):
+        read_compressed(path)
+
+
+def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None:
+    """Seeded mutations of a real file: truncations, bit flips, header edits with recomputed CRCs."""
+    path, model = small_file(tmp_path)
+    original, expected = path.read_bytes(), model.state_dict()
+    rng = random.Random(0)
+    header_edits = [
+        lambda h, t: t.update(shape=[t["shape"][0] + 1, *t["shape"][1:]]), lambda h, t: t.update(kept=0),
+        lambda h, t: t.update(entries=t.get("entries", 0) + 7), lambda h, t: t.update(index_bits=17),
+        lambda h, t: t.update(encoding="quantized"), lambda h, t: t.update(clusters=1 << 40),
+        lambda h, t: t.pop("name"), lambda h, t: h["arch"]["args"].update(in_features=-3),
+        lambda h, t: h["tensors"].append(dict(t)), lambda h, t: h.update(class_names=["x"] * 3),
+    ]
+    outcomes = {"refused": 0, "identical": 0}
+    for case in range(300):
+        bad = tmp_path / "fuzz.dcz"
+        kind = case % 3
+        if kind == 0:
+            bad.write_bytes(original[: rng.randrange(len(original))])
+        elif kind == 1:
+            data = bytearray(original)
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            bad.write_bytes(bytes(data))
+        else:
+            bad.write_bytes(original)
+            edit = header_edits[case // 3 % len(header_edits)]
+            rewrite_header(bad, lambda h: edit(h, rng.choice(h["tensors"])))
+        try:
+            decoded, _ = read_compressed(bad)
+        except CompressedFileError:
+            outcomes["refused"] += 1
+            continue
+        assert all(torch.equal(decoded.state_dict()[k], v) for k, v in expected.items()), case
+        outcomes["identical"] += 1
+    assert outcomes["refused"] > 250 and outcomes["identical"] >= 10  # class_names edits decode as before
+
+
+def test_checkpoint_zip_bomb_is_refused_before_loading(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(96 << 20))  # 96 MiB of zeros in ~100 KB
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=r"would unpack to 100,663,296 bytes from [\d,]+ on disk"):
+        load_checkpoint(bomb)
+
+
+def test_a_refused_pickle_names_the_blocked_object(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(x=1)}, path)
+    with pytest.raises(CheckpointError, match=r"asks to load the Python object argparse.Namespace"):
+        load_checkpoint(path)
+
+
+def test_a_file_never_chooses_where_we_read_or_write(tmp_path: Path, idx_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    test = load_script("test")
+    path, _ = small_file(tmp_path)
+    evil = tmp_path / "evil"
+    rewrite_header(path, lambda h: h.update(eval={"name": "x", "data_loader": {"type": "FashionMNIST", "args": {
+        "data_dir": str(evil), "download": True, "batch_size": 64}}}))
+    assert test.main(["-r", str(path), "--json", "--set", f"data_loader.args.data_dir={idx_dir}"]) == 0
+    assert not evil.exists() and json.loads(capsys.readouterr().out)["top1_err"] >= 0
+
+
+def test_exported_header_holds_no_machine_paths(tmp_path: Path, idx_dir: Path) -> None:
+    train = load_script("train")
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=1)
+    cfg["trainer"]["callbacks"] = {"IterativePruning": {"keep_ratio": 0.5}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert train.main(["-c", str(tmp_path / "c.json")]) == 0
+    _, header = read_compressed(only_run(tmp_path / "runs") / "model.dcz")
+    assert str(idx_dir) not in json.dumps(header) and str(tmp_path) not in json.dumps(header)
+    assert header["eval"]["data_loader"] == {"type": "FashionMNIST", "args": {"batch_size": 32,
+                                                                             "validation_split": 0.2}}
