@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
@@ -112,6 +113,10 @@ def train(args: argparse.Namespace) -> int:
         trainer.fit(lit_model, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)
     finally:
         os.environ.pop("DC_RUN_DIR", None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The fit is over: the export and the evaluations below run in rank 0 alone, on one device; a live
+        # process group would make them shard the data and wait on ranks that have exited.
+        torch.distributed.destroy_process_group()
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     log.info(f"done at epoch {trainer.current_epoch}; best {cfg.trainer.monitor_metric} = "
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
