@@ -238,6 +238,7 @@ class _BaseDataModule(pl.LightningDataModule):
 
     num_classes: int = 10
     classes: tuple[str, ...] = ()  # names in label order (written into the .dcz header)
+    input_shape: tuple[int, ...] = (1, *IMAGE_SIZE)  # one sample as the model takes it, (C, H, W)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
@@ -404,6 +405,7 @@ class CIFAR100(_FolderDataModule):
         shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
         television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    input_shape = (3, 32, 32)
 
     def prepare_data(self) -> None:
         if not self.download:
@@ -436,6 +438,7 @@ class Imagenette(_FolderDataModule):
     classes = ("tench", "English springer", "cassette player", "chain saw", "church", "French horn",
                "garbage truck", "gas pump", "golf ball", "parachute")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    input_shape = (3, 224, 224)
 
     def _missing_message(self, err: Exception) -> str:
         return (f"Imagenette not found: expected {self.data_dir / 'train'} and {self.data_dir / 'val'} ({err}). "

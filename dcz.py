@@ -1,6 +1,8 @@
 """The ``.dcz`` compressed model file from the command line, and its Python API for users.
 
     python dcz.py encode runs/<name>/<ts>/best.ckpt [--out model.dcz] [--index-bits 5]
+    python dcz.py info model.dcz         # the per-layer table, from the file alone
+    python dcz.py bench model.dcz        # dense vs sparse (CSR) latency of the decoded model, batch 1 and 64
 
 Python API (re-exported from ``trainer/export.py``, which binds ``compression/model_file.py`` to our
 models)::
@@ -15,9 +17,13 @@ models)::
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
-from compression.model_file import CompressedFileError, IndexBits
+import torch
+
+from compression.model_file import CompressedFileError, IndexBits, file_table
 from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
 from parse_config import ConfigError, parse_config
@@ -44,7 +50,64 @@ def get_args_parser() -> argparse.ArgumentParser:
     enc.add_argument("--index-bits", type=_index_bits, default=None,
                      help=f"bits of a relative index before Huffman coding, 1..{MAX_INDEX_BITS} or 'auto' "
                           "(default: the checkpoint's config's export.index_bits)")
+    info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
+    info.add_argument("file", help="a .dcz file")
+    bench = sub.add_parser("bench", help="dense vs sparse latency of a .dcz file's model on this machine")
+    bench.add_argument("file", help="a .dcz file")
+    bench.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes")
+    bench.add_argument("--repeats", type=int, default=50, help="timed forward passes per case (median reported)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return parser
+
+
+def format_table(header: dict, rows: list[dict]) -> str:
+    """The per-layer table of ``dcz.py info``."""
+    def cell(value: object, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    lines = [f"{header.get('arch', {}).get('type')} {header.get('arch', {}).get('args', {})}, "
+             f"{len(rows)} tensors, classes: {len(header.get('class_names') or [])}",
+             "| tensor | encoding | weights | kept | clusters | fillers | index bits | weight bits P+Q+H | "
+             "index bits P+Q+H | bytes | rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['encoding']} | {r['weights']:,} | {r['kept_pct']:.1f}% | "
+                     f"{cell(r['clusters'], '')} | {r['fillers']:,} | {cell(r['index_bits'], '')} | "
+                     f"{cell(r['weight_bits_pqh'], '.2f')} | {cell(r['index_bits_pqh'], '.2f')} | {r['bytes']:,} | "
+                     f"{r['rate']:.1f}x |")
+    weights, stored = sum(r["weights"] for r in rows), sum(r["bytes"] for r in rows)
+    lines.append(f"total: {weights:,} weights, {stored:,} bytes of sections ({4 * weights / max(stored, 1):.1f}x "
+                 f"smaller than float32, before the header)")
+    return "\n".join(lines)
+
+
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one forward pass, in milliseconds (after warm-up passes)."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def bench(path: str, batch_sizes: list[int], repeats: int) -> str:
+    """Dense and sparse decodes of ``path`` timed side by side, alternating, on random inputs."""
+    dense, header = read_compressed(path)
+    sparse = load_compressed(path, sparse=True)
+    shape = header.get("input", {}).get("shape") or [1, 28, 28]
+    lines = [f"{path}: {header['arch']['type']}, torch threads {torch.get_num_threads()}, median of {repeats}",
+             "| batch | dense (ms) | sparse (ms) | speed-up |", "|---:|---:|---:|---:|"]
+    for n in batch_sizes:
+        x = torch.randn(n, *shape)
+        with torch.no_grad():
+            if not torch.allclose(dense(x), sparse(x), rtol=1e-4, atol=1e-4):
+                raise ValueError(f"{path}: dense and sparse outputs differ at batch {n}")
+        d, s = latency_ms(dense, x, repeats), latency_ms(sparse, x, repeats)
+        lines.append(f"| {n} | {d:.3f} | {s:.3f} | {d / s:.2f}x |")
+    return "\n".join(lines)
 
 
 def stored_index_bits(ckpt_path: str) -> IndexBits:
@@ -62,12 +125,20 @@ def stored_index_bits(ckpt_path: str) -> IndexBits:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        bits = args.index_bits if args.index_bits is not None else stored_index_bits(args.checkpoint)
-        out, report = encode_checkpoint(args.checkpoint, args.out, bits)
+        if args.command == "info":
+            print(format_table(*file_table(args.file)))
+        elif args.command == "bench":
+            sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            print(bench(args.file, sizes, args.repeats))
+        else:
+            bits = args.index_bits if args.index_bits is not None else stored_index_bits(args.checkpoint)
+            out, report = encode_checkpoint(args.checkpoint, args.out, bits)
+            print(to_markdown(report, f"Compression report: {out}"))
     except (CheckpointError, ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(to_markdown(report, f"Compression report: {out}"))
     return 0
 
 

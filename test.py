@@ -33,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default=None, help="config file (default: the one stored with -r)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--sparse", action="store_true",
+                        help="a .dcz only: run pruned Linear layers as sparse CSR layers (inference; see dcz.py bench)")
     add_override_args(parser)
     return parser
 
@@ -41,12 +43,14 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, A
     """The model and config of a checkpoint or of a ``.dcz`` file (rebuilt from the file alone)."""
     path = Path(args.resume)
     if is_compressed_file(path):
-        model, header = read_compressed(path)
+        model, header = read_compressed(path, sparse=args.sparse)
         raw = read_json(args.config) if args.config else evaluation_config(header)
         if raw is None:
             raise ConfigError(f"{path} carries no data settings to evaluate with: pass -c CONFIG.json")
         cfg = parse_config(apply_overrides(raw, overrides_from_args(args)))
-        return model, cfg, {"epoch": None, "format": "dcz", "file_bytes": path.stat().st_size}
+        return model, cfg, {"epoch": None, "format": "dcz", "file_bytes": path.stat().st_size, "sparse": args.sparse}
+    if args.sparse:
+        raise ConfigError(f"--sparse reads a .dcz file; {path} is a checkpoint: encode it with dcz.py encode first")
     model, cfg, ckpt = load_trained_model(path, args.config, overrides_from_args(args))
     return model, cfg, {"epoch": ckpt.get("epoch"), "format": "ckpt"}
 

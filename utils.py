@@ -72,11 +72,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _csr_weight(module: nn.Module) -> torch.Tensor | None:
+    """The CSR weight of a sparse inference layer (``compression.sparse.SparseLinear``), else None."""
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.layout == torch.sparse_csr else None
+
+
 def layer_sparsity(model: nn.Module) -> list[dict[str, Any]]:
-    """Per ``Linear``/``Conv2d`` weight: name, shape, total, non-zero, % kept and std (Distiller's summary)."""
+    """Per ``Linear``/``Conv2d`` weight (dense or CSR): name, shape, total, non-zero, % kept and std
+    (Distiller's summary)."""
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        csr = _csr_weight(module)
+        if csr is not None:  # std over all entries, the zeros included, as for a dense weight
+            values, total = csr.values().double(), csr.shape[0] * csr.shape[1]
+            nonzero, mean = int(torch.count_nonzero(values)), float(values.sum()) / total
+            var = (float((values ** 2).sum()) - total * mean ** 2) / max(total - 1, 1)
+            rows.append({"name": name, "shape": list(csr.shape), "total": total, "nonzero": nonzero,
+                         "kept_pct": 100.0 * nonzero / total, "std": max(var, 0.0) ** 0.5})
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             w = module.weight.detach()
             nonzero = int(torch.count_nonzero(w))
             rows.append({"name": name, "shape": list(w.shape), "total": w.numel(), "nonzero": nonzero,
@@ -96,7 +110,16 @@ def format_sparsity(rows: list[dict[str, Any]]) -> str:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """Returns (total, non-zero) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    """Returns (total, non-zero) parameter counts (a sparse layer's CSR weight and bias count as its dense
+    ``Linear``'s would)."""
+    tensors = list(model.parameters())
+    total = sum(p.numel() for p in tensors)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in tensors)
+    for module in model.modules():
+        csr = _csr_weight(module)
+        if csr is not None:
+            bias = getattr(module, "bias", None)
+            total += csr.shape[0] * csr.shape[1] + (bias.numel() if bias is not None else 0)
+            nonzero += int(torch.count_nonzero(csr.values())) + (int(torch.count_nonzero(bias)) if bias is not None
+                                                                 else 0)
     return total, nonzero

@@ -148,6 +148,13 @@ def _numel(entry: dict[str, Any]) -> int:
     return math.prod(shape)
 
 
+def _section(entry: dict[str, Any], sections: dict[str, bytes], kind: str) -> bytes:
+    name = entry.get("name")
+    if f"{name}:{kind}" not in sections:
+        raise ValueError(f"{name}: section '{name}:{kind}' is missing")
+    return sections[f"{name}:{kind}"]
+
+
 def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Tensor:
     """Rebuilds one tensor from its header entry and sections.
 
@@ -155,33 +162,43 @@ def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Te
         ValueError: missing sections, sizes that disagree with the header, or corrupt streams.
     """
     name, encoding = entry.get("name"), entry.get("encoding")
-
-    def section(kind: str) -> bytes:
-        if f"{name}:{kind}" not in sections:
-            raise ValueError(f"{name}: section '{name}:{kind}' is missing")
-        return sections[f"{name}:{kind}"]
-
     numel = _numel(entry)
     if encoding == "raw":
         dtype = RAW_DTYPES.get(entry.get("dtype", ""))
-        data = section("raw")
+        data = _section(entry, sections, "raw")
         if dtype is None or len(data) != numel * dtype.itemsize:
             raise ValueError(f"{name}: raw section has {len(data)} bytes, header says {numel} x {entry.get('dtype')}")
         return torch.from_numpy(np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))).reshape(entry["shape"])
+    positions, entry_values = decode_entries(entry, sections)
+    out = np.zeros(numel, np.float32)
+    out[positions] = entry_values
+    return torch.from_numpy(out).reshape(entry["shape"])
+
+
+def decode_entries(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of a ``sparse`` or ``quantized`` tensor, without building the dense tensor.
+
+    Returns:
+        (flat row-major positions, ascending; float32 values), fillers included (value 0).
+
+    Raises:
+        ValueError: as ``decode_tensor``.
+    """
+    name, encoding = entry.get("name"), entry.get("encoding")
     if encoding not in ("sparse", "quantized"):
         raise ValueError(f"{name}: unknown encoding {encoding!r}")
-    positions = _positions(entry, section("position"), numel)
+    positions = _positions(entry, _section(entry, sections, "position"), _numel(entry))
     if encoding == "sparse":
-        values = section("values")
+        values = _section(entry, sections, "values")
         if len(values) != 4 * len(positions):
             raise ValueError(f"{name}: {len(values)} value bytes for {len(positions)} entries")
-        entry_values = np.frombuffer(values, "<f4")
+        entry_values = np.frombuffer(values, "<f4").astype(np.float32)
     else:
-        book = section("codebook")
+        book = _section(entry, sections, "codebook")
         k = _int_field(entry, "clusters")
         if len(book) != 4 * k or k < 1:
             raise ValueError(f"{name}: codebook has {len(book)} bytes for {k} clusters")
-        stream = huffman.HuffmanStream.from_bytes(section("index"))
+        stream = huffman.HuffmanStream.from_bytes(_section(entry, sections, "index"))
         if stream.n_symbols != len(positions) or len(stream.lengths) != k + 1:  # before decoding allocates
             raise ValueError(f"{name}: index stream has {stream.n_symbols} symbols over {len(stream.lengths)} "
                              f"values for {len(positions)} entries and {k} clusters (+ filler)")
@@ -189,11 +206,9 @@ def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Te
         if len(symbols) and symbols.max() > k:
             raise ValueError(f"{name}: index stream holds symbol {symbols.max()} beyond {k} clusters (+ filler)")
         entry_values = np.append(np.frombuffer(book, "<f4"), np.float32(0.0))[symbols]  # symbol k: filler 0
-    out = np.zeros(numel, np.float32)
-    out[positions] = entry_values
     if int(np.count_nonzero(entry_values)) > _int_field(entry, "kept"):
         raise ValueError(f"{name}: more non-zero entries than the {entry.get('kept')} kept weights declared")
-    return torch.from_numpy(out).reshape(entry["shape"])
+    return positions, entry_values
 
 
 def _int_field(entry: dict[str, Any], key: str) -> int:

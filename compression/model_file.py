@@ -25,8 +25,9 @@ from torch import nn
 
 from compression.container import MAGIC, ContainerError, read_container, write_container
 from compression.layers import layer_type
-from compression.model_codec import decode_tensor, encode_tensor
+from compression.model_codec import decode_entries, decode_tensor, encode_tensor
 from compression.report import build_report
+from compression.sparse import SparseLinear, csr_from_positions
 from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS
 
 MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is not one of ours
@@ -112,8 +113,8 @@ def payload_digest(sections: list[tuple[str, bytes]]) -> str:
     return digest.hexdigest()
 
 
-def read_compressed(path: str | Path, architectures: Architectures,
-                    max_decoded_bytes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def read_compressed(path: str | Path, architectures: Architectures, max_decoded_bytes: int | None = None,
+                    sparse: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the model stored in a ``.dcz`` file from the file alone.
 
     Nothing real is allocated before the header's architecture, built on the meta device, agrees with the
@@ -125,6 +126,8 @@ def read_compressed(path: str | Path, architectures: Architectures,
         architectures: ``{arch type name: constructor}`` the header may name (``models.MODELS``).
         max_decoded_bytes: Largest model (bytes of its tensors) to rebuild; default ``MAX_DECODE_RATIO`` times
             the file's size, at least ``MIN_DECODE_CAP``.
+        sparse: Rebuild every pruned ``Linear`` as a ``SparseLinear`` (CSR, inference only) straight from the
+            file's positions, without a dense copy of its weight; other layers as usual.
 
     Returns:
         (model in eval mode, header).
@@ -144,17 +147,43 @@ def read_compressed(path: str | Path, architectures: Architectures,
         raise CompressedFileError(f"{path}: corrupt file: the sections do not match the header's SHA-256 "
                                   f"(edited, or sections from another file)")
     by_name = dict(sections)
-    state = {}
+    linears = {f"{n}.weight" for n, m in meta.named_modules() if isinstance(m, nn.Linear)} if sparse else set()
+    state: dict[str, torch.Tensor] = {}
     for entry in header["tensors"]:
+        name = entry["name"]
         try:
-            state[entry["name"]] = tensor = decode_tensor(entry, by_name)
+            if name in linears and entry.get("encoding") in ("sparse", "quantized"):
+                positions, values = decode_entries(entry, by_name)
+                state[name] = tensor = csr_from_positions(positions, values, tuple(entry["shape"]))
+            else:
+                state[name] = tensor = decode_tensor(entry, by_name)
         except ValueError as err:
             raise CompressedFileError(f"{path}: {err}") from None
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CompressedFileError(f"{path}: tensor {entry['name']!r} holds NaN or infinite values")
-    model = architectures[header["arch"]["type"]](**header["arch"].get("args", {}))
-    model.load_state_dict(state)
-    return model.eval(), header
+        finite = tensor.values() if tensor.layout == torch.sparse_csr else tensor
+        if finite.is_floating_point() and not bool(torch.isfinite(finite).all()):
+            raise CompressedFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    if not sparse:
+        model = architectures[header["arch"]["type"]](**header["arch"].get("args", {}))
+        model.load_state_dict(state)
+        return model.eval(), header
+    return _with_sparse_layers(meta, state).eval(), header
+
+
+def _with_sparse_layers(meta: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``meta`` with each Linear whose weight in ``state`` is CSR swapped for a ``SparseLinear``, and every
+    other tensor taken from ``state`` as it is (nothing dense is allocated for the sparse weights)."""
+    for name, module in list(meta.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if isinstance(module, nn.Linear) and weight is not None and weight.layout == torch.sparse_csr:
+            parent, _, child = name.rpartition(".")
+            bias = state.pop(f"{name}.bias", None)
+            setattr(meta.get_submodule(parent) if parent else meta, child, SparseLinear(state.pop(f"{name}.weight"),
+                                                                                      bias))
+    meta.load_state_dict(state, strict=False, assign=True)  # the rest replaces the meta tensors
+    left = [n for n, t in [*meta.named_parameters(), *meta.named_buffers()] if t.is_meta]
+    if left:
+        raise CompressedFileError(f"tensors {', '.join(left[:5])} are not in the file")
+    return meta
 
 
 def is_compressed_file(path: str | Path) -> bool:
@@ -212,3 +241,39 @@ def _check_table(path: str | Path, header: dict[str, Any], meta: nn.Module, cap:
         raise CompressedFileError(f"{path}: the model it declares takes {size:,} bytes, more than the {cap:,} "
                                   f"allowed for a file of this size (read_compressed(max_decoded_bytes=...) "
                                   f"raises the limit)")
+
+
+def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The per-tensor table of a ``.dcz`` file from the file alone (the report's columns, as stored).
+
+    Bits are measured on the sections: a coded stream's bytes (its code-length table included) per entry.
+
+    Returns:
+        (header, rows): each row ``layer, encoding, weights, kept, kept_pct, clusters, fillers, index_bits,
+        weight_bits_pqh, index_bits_pqh, bytes, rate``.
+
+    Raises:
+        CompressedFileError: the file cannot be read (see ``read_compressed``).
+    """
+    try:
+        header, sections = read_container(path)
+    except ContainerError as err:
+        raise CompressedFileError(str(err)) from None
+    if not isinstance(header.get("tensors"), list):
+        raise CompressedFileError(f"{path}: header has no tensor table")
+    size = {name: len(data) for name, data in sections}
+    rows = []
+    for entry in header["tensors"]:
+        name, encoding = str(entry.get("name")), entry.get("encoding")
+        numel = math.prod(entry.get("shape") or [0])
+        stored = sum(n for key, n in size.items() if key.rpartition(":")[0] == name)
+        entries = int(entry.get("entries") or 0)
+        kept = int(entry.get("kept", numel)) if encoding != "raw" else numel
+        weight_bytes = size.get(f"{name}:index", size.get(f"{name}:values", 0))
+        rows.append({"layer": name, "encoding": encoding, "weights": numel, "kept": kept,
+                     "kept_pct": 100.0 * kept / max(numel, 1), "clusters": entry.get("clusters"),
+                     "fillers": entries - kept if encoding != "raw" else 0, "index_bits": entry.get("index_bits"),
+                     "weight_bits_pqh": 8 * weight_bytes / entries if entries else None,
+                     "index_bits_pqh": 8 * size.get(f"{name}:position", 0) / entries if entries else None,
+                     "bytes": stored, "rate": 4 * numel / max(stored, 1)})
+    return header, rows

@@ -103,8 +103,7 @@ def test_a_tiny_file_cannot_declare_a_huge_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["fc1.bias", "fc3.weight"])
 def test_non_finite_values_are_refused(tmp_path: Path, name: str) -> None:
-    value = torch.zeros(100 if name == "fc1.bias" else (10, 100))  # fc1.bias is raw; fc3.weight quantized
-    path, model = small_file(tmp_path)
+    path, _ = small_file(tmp_path)  # fc1.bias is stored raw, fc3.weight quantized
     if name == "fc1.bias":
         path, _ = small_file(tmp_path, **{"fc1.bias": torch.full((300,), float("nan"))})
     else:  # a NaN centroid: edit the codebook section and its CRC, then the header's digest

@@ -37,18 +37,22 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
     return _save_compressed(model, path, arch=arch, **kwargs)
 
 
-def read_compressed(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def read_compressed(path: str | Path, sparse: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The model stored in a ``.dcz`` file (one of ``models.MODELS``, in eval mode) and the file's header.
+
+    Args:
+        sparse: Pruned ``Linear`` layers as ``SparseLinear`` (CSR, built from the file's positions; for
+            inference only: the model refuses to run in training mode).
 
     Raises:
         compression.model_file.CompressedFileError: missing, truncated, corrupt or foreign file.
     """
-    return _read_compressed(path, MODELS)
+    return _read_compressed(path, MODELS, sparse=sparse)
 
 
-def load_compressed(path: str | Path) -> nn.Module:
+def load_compressed(path: str | Path, sparse: bool = False) -> nn.Module:
     """The model stored in a ``.dcz`` file (see ``read_compressed``)."""
-    return read_compressed(path)[0]
+    return read_compressed(path, sparse)[0]
 
 
 # Where the data is and whether to download it are the evaluating user's to say, never the file's: a file
@@ -65,7 +69,8 @@ def file_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
     args = {k: v for k, v in config["data_loader"].get("args", {}).items() if k not in MACHINE_KEYS}
     evaluation["data_loader"] = {"type": config["data_loader"]["type"], "args": args}
     return {"num_classes": config["arch"]["args"].get("num_classes"), "class_names": list(datamodule.classes),
-            "eval": evaluation, "input": {"mean": list(datamodule.mean), "std": list(datamodule.std)}}
+            "eval": evaluation, "input": {"mean": list(datamodule.mean), "std": list(datamodule.std),
+                                             "shape": list(datamodule.input_shape)}}
 
 
 def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits: IndexBits) -> tuple[Path, dict]:
