@@ -162,16 +162,12 @@ def read_compressed(path: str | Path, architectures: Architectures, max_decoded_
         finite = tensor.values() if tensor.layout == torch.sparse_csr else tensor
         if finite.is_floating_point() and not bool(torch.isfinite(finite).all()):
             raise CompressedFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
-    if not sparse:
-        model = architectures[header["arch"]["type"]](**header["arch"].get("args", {}))
-        model.load_state_dict(state)
-        return model.eval(), header
-    return _with_sparse_layers(meta, state).eval(), header
+    return _materialize(meta, state).eval(), header
 
 
-def _with_sparse_layers(meta: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """``meta`` with each Linear whose weight in ``state`` is CSR swapped for a ``SparseLinear``, and every
-    other tensor taken from ``state`` as it is (nothing dense is allocated for the sparse weights)."""
+def _materialize(meta: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``meta`` with every tensor taken from ``state`` as it is (no random init of weights about to be
+    overwritten, no second copy) and each Linear whose weight is CSR swapped for a ``SparseLinear``."""
     for name, module in list(meta.named_modules()):
         weight = state.get(f"{name}.weight")
         if isinstance(module, nn.Linear) and weight is not None and weight.layout == torch.sparse_csr:
