@@ -1,6 +1,6 @@
 """The layers of DESIGN.md, checked on the import statements of every module (function-level ones too).
 
-scripts (train, test, sensitivity, dcz) -> config (parse_config, builders) -> integration (trainer/, data)
+scripts (train, test, sensitivity, dcz) -> config (parse_config, builders) -> integration (trainer/, data, idx)
 -> algorithms (compression/) and models/; logger and utils are helpers any layer may use.
 """
 
@@ -15,7 +15,7 @@ from helpers import ROOT
 
 SCRIPTS = {"train", "test", "sensitivity", "dcz"}
 CONFIG = {"parse_config", "builders"}
-OURS = SCRIPTS | CONFIG | {"trainer", "data", "compression", "models", "logger", "utils"}
+OURS = SCRIPTS | CONFIG | {"trainer", "data", "idx", "compression", "models", "logger", "utils"}
 
 
 def modules() -> dict[str, Path]:
@@ -58,11 +58,11 @@ def test_algorithms_and_models_import_no_lightning_and_nothing_of_ours_above(nam
     assert not (found & OURS) - {own}, f"{name} imports {(found & OURS) - {own}}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n in ALL if n.split(".")[0] in ("trainer", "data")))
+@pytest.mark.parametrize("name", sorted(n for n in ALL if n.split(".")[0] in ("trainer", "data", "idx")))
 def test_the_integration_layer_imports_no_config_and_models_data_no_trainer(name: str) -> None:
     found = imports(ALL[name])
     assert not found & CONFIG, f"{name} imports the config layer: {found & CONFIG}"
-    if name == "data":
+    if name in ("data", "idx"):
         assert "trainer" not in found
 
 
