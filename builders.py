@@ -48,7 +48,7 @@ def build_lit_model(cfg: Config, load_pretrained: bool = True) -> LitClassifier:
     if cfg.pretrained and load_pretrained:
         ckpt = load_checkpoint(cfg.pretrained)
         load_weights(model, ckpt, cfg.pretrained)
-        lit_model.load_compression(ckpt)
+        lit_model.load_compression(ckpt, resume=False)  # a new run: its own recipe sizes unused codebooks
     return lit_model
 
 

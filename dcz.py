@@ -26,6 +26,7 @@ import torch
 from compression.model_file import CompressedFileError, IndexBits, file_table
 from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
+from data import DATAMODULES
 from parse_config import ConfigError, parse_config
 from trainer.export import encode_checkpoint, is_compressed_file, load_compressed, read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
@@ -65,8 +66,9 @@ def format_table(header: dict, rows: list[dict]) -> str:
     def cell(value: object, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
-    lines = [f"{header.get('arch', {}).get('type')} {header.get('arch', {}).get('args', {})}, "
-             f"{len(rows)} tensors, classes: {len(header.get('class_names') or [])}",
+    arch = header.get("arch") if isinstance(header.get("arch"), dict) else {}
+    lines = [f"{arch.get('type')} {arch.get('args', {})}, "
+             f"{len(rows)} tensors, classes: {len(names) if isinstance(names := header.get('class_names'), list) else 0}",
              "| tensor | encoding | weights | kept | clusters | fillers | index bits | weight bits P+Q+H | "
              "index bits P+Q+H | bytes | rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -93,11 +95,28 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def input_shape(path: str, header: dict) -> list[int]:
+    """One sample's shape: from the header, else from the dataset it names (files written before it was stored).
+
+    Raises:
+        ValueError: neither is there.
+    """
+    given = header.get("input", {}).get("shape") if isinstance(header.get("input"), dict) else None
+    if isinstance(given, list) and given and all(isinstance(d, int) and d > 0 for d in given):
+        return given
+    evaluation = header.get("eval") if isinstance(header.get("eval"), dict) else {}
+    dataset = (evaluation.get("data_loader") or {}).get("type") if isinstance(evaluation.get("data_loader"),
+                                                                             dict) else None
+    if dataset in DATAMODULES:
+        return list(DATAMODULES[dataset].input_shape)
+    raise ValueError(f"{path} does not say what input its model takes (no input.shape, no known dataset)")
+
+
 def bench(path: str, batch_sizes: list[int], repeats: int) -> str:
     """Dense and sparse decodes of ``path`` timed side by side, alternating, on random inputs."""
     dense, header = read_compressed(path)
     sparse = load_compressed(path, sparse=True)
-    shape = header.get("input", {}).get("shape") or [1, 28, 28]
+    shape = input_shape(path, header)
     lines = [f"{path}: {header['arch']['type']}, torch threads {torch.get_num_threads()}, median of {repeats}",
              "| batch | dense (ms) | sparse (ms) | speed-up |", "|---:|---:|---:|---:|"]
     for n in batch_sizes:
@@ -133,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             print(bench(args.file, sizes, args.repeats))
         else:
-            bits = args.index_bits if args.index_bits is not None else stored_index_bits(args.checkpoint)
+            stored = stored_index_bits(args.checkpoint)  # also validates the checkpoint's config
+            bits = args.index_bits if args.index_bits is not None else stored
             out, report = encode_checkpoint(args.checkpoint, args.out, bits)
             print(to_markdown(report, f"Compression report: {out}"))
     except (CheckpointError, ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # the model refused the input (bench): say so in one line
+        print(f"error: {args.command} {getattr(args, 'file', '')}: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

@@ -120,7 +120,7 @@ def train(args: argparse.Namespace) -> int:
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     log.info(f"done at epoch {trainer.current_epoch}; best {cfg.trainer.monitor_metric} = "
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
-    compressed = lit_model.masks or len(lit_model.compression.codebooks)
+    compressed = bool(lit_model.masks) or bool(lit_model.compression.index)  # not merely codebooks set up
     if cfg.export.enabled and compressed and trainer.is_global_zero:
         report = export(trainer, run_dir, cfg.export.index_bits)
         summary = summarize(cfg, run_dir, report, stages, time.monotonic() - started)
@@ -168,8 +168,9 @@ def summarize(cfg: Config, run_dir: Path, report: dict[str, Any], stages: Pipeli
     checkpoint when it holds a dense (unpruned) model; the compressed error is that of ``model.dcz``.
     """
     dense_path = run_dir / CHECKPOINT_NAMES["dense"]
-    if not dense_path.is_file() and cfg.pretrained and not load_checkpoint(cfg.pretrained).get("masks"):
-        dense_path = Path(cfg.pretrained)
+    if not dense_path.is_file() and cfg.pretrained and Path(cfg.pretrained).is_file() \
+            and not load_checkpoint(cfg.pretrained).get("masks"):
+        dense_path = Path(cfg.pretrained)  # (a resumed run may no longer have it: then no dense error)
     f, t = report["file"], report["paper_total"]
     summary = {
         "model": cfg.arch.type, "dataset": cfg.data_loader.type, "recipe": cfg.name,
@@ -177,7 +178,8 @@ def summarize(cfg: Config, run_dir: Path, report: dict[str, Any], stages: Pipeli
         "pruned_top1_err": checkpoint_error(cfg, run_dir / CHECKPOINT_NAMES["prune"]),
         "top1_err": test_error(cfg, read_compressed(run_dir / "model.dcz")[0]),
         "dcz_bytes": f["bytes"], "dense_bytes": f["dense_float32_bytes"], "rate": f["rate"],
-        "rate_p": t["rate_p"], "rate_pq": t["rate_pq"], "rate_pqh": t["rate_pqh"], "wall_s": round(wall_s, 1),
+        "rate_p": t["rate_p"], "rate_pq": t["rate_pq"], "rate_pqh": t["rate_pqh"],
+        "wall_s": round(wall_s + (stages.earlier_s if stages else 0.0), 1),  # earlier processes of a resumed run
         "stages": [{**vars(s), "wall_s": round(s.wall_s, 1)} for s in stages.stages] if stages else [],
         "run_dir": str(run_dir),
     }

@@ -69,7 +69,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' inside)")
+    _check_entries(path, ckpt)
     return ckpt
+
+
+def _check_entries(path: Path, ckpt: dict[str, Any]) -> None:
+    """The entries our code reads have the types it expects (a crafted file gets one clear error)."""
+    for key in ("state_dict", "masks", "quant_index"):
+        value = ckpt.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):
+            raise CheckpointError(f"{path} is not a training checkpoint: {key!r} must map names to tensors")
+    for key in ("epoch", "global_step"):
+        if key in ckpt and (not isinstance(ckpt[key], int) or isinstance(ckpt[key], bool) or ckpt[key] < 0):
+            raise CheckpointError(f"{path} is not a training checkpoint: {key!r} must be a count, got {ckpt[key]!r}")
+    if "config" in ckpt and not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path} is not a training checkpoint: 'config' must be an object")
 
 
 def _csr_weight(module: nn.Module) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from compression.container import MAGIC, ContainerError, read_container, write_container
 from compression.layers import layer_type
-from compression.model_codec import decode_entries, decode_tensor, encode_tensor
+from compression.model_codec import _int_field, decode_entries, decode_tensor, encode_tensor
 from compression.report import build_report
 from compression.sparse import SparseLinear, csr_from_positions
 from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS
@@ -36,6 +36,7 @@ MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is n
 # is refused before anything is allocated. read_compressed(max_decoded_bytes=...) raises it for one call.
 MAX_DECODE_RATIO = 1000
 MIN_DECODE_CAP = 256 << 20
+SPARSE_MAX_DENSITY = 0.5  # sparse=True: a Linear keeping more than this fraction stays dense (CSR would lose)
 Architectures = Mapping[str, Callable[..., nn.Module]]  # arch type name -> constructor (models.MODELS)
 IndexBits = int | str | Mapping[str, int | str]  # one width, "auto", or {layer type: width or "auto"}
 
@@ -143,7 +144,9 @@ def read_compressed(path: str | Path, architectures: Architectures, max_decoded_
     meta = _meta_model(path, header, architectures)
     cap = max_decoded_bytes or max(MAX_DECODE_RATIO * Path(path).stat().st_size, MIN_DECODE_CAP)
     _check_table(path, header, meta, cap)
-    if header.get("sha256") != payload_digest(sections):
+    # Files written before the digest existed have none: they are read with their CRCs alone (the digest
+    # guards integrity, not authenticity, so its absence lets nothing in that a recomputed one would not).
+    if "sha256" in header and header.get("sha256") != payload_digest(sections):
         raise CompressedFileError(f"{path}: corrupt file: the sections do not match the header's SHA-256 "
                                   f"(edited, or sections from another file)")
     by_name = dict(sections)
@@ -152,7 +155,8 @@ def read_compressed(path: str | Path, architectures: Architectures, max_decoded_
     for entry in header["tensors"]:
         name = entry["name"]
         try:
-            if name in linears and entry.get("encoding") in ("sparse", "quantized"):
+            if name in linears and entry.get("encoding") in ("sparse", "quantized") and \
+                    _int_field(entry, "kept") <= SPARSE_MAX_DENSITY * math.prod(entry["shape"]):
                 positions, values = decode_entries(entry, by_name)
                 state[name] = tensor = csr_from_positions(positions, values, tuple(entry["shape"]))
             else:
@@ -197,8 +201,8 @@ def is_compressed_file(path: str | Path) -> bool:
 def _meta_model(path: str | Path, header: dict[str, Any], architectures: Architectures) -> nn.Module:
     """The declared architecture on the meta device (no memory), after checking its size is sane."""
     arch = header.get("arch")
-    if not isinstance(arch, dict) or arch.get("type") not in architectures or not isinstance(arch.get("args", {}),
-                                                                                              dict):
+    if not isinstance(arch, dict) or not isinstance(arch.get("type"), str) or arch["type"] not in architectures \
+            or not isinstance(arch.get("args", {}), dict):
         raise CompressedFileError(f"{path}: header names no known architecture (got {str(arch)[:100]}); "
                                   f"known: {', '.join(architectures)}")
     if not isinstance(header.get("tensors"), list):
@@ -207,8 +211,9 @@ def _meta_model(path: str | Path, header: dict[str, Any], architectures: Archite
     try:
         with torch.device("meta"):  # no memory: a hostile num_classes cannot make us allocate
             meta = build(**arch.get("args", {}))
-    except (TypeError, ValueError) as err:
-        raise CompressedFileError(f"{path}: cannot build {arch['type']} with {arch.get('args')}: {err}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # the last two: absurd sizes on meta
+        raise CompressedFileError(f"{path}: cannot build {arch['type']} with {str(arch.get('args'))[:100]}: "
+                                  f"{str(err)[:200]}") from None
     count = sum(math.prod(t.shape) for t in meta.state_dict().values())
     if count > MAX_PARAMETERS:
         raise CompressedFileError(f"{path}: header declares {count:,} weights, "
@@ -222,7 +227,7 @@ def _check_table(path: str | Path, header: dict[str, Any], meta: nn.Module, cap:
     seen = set()
     for entry in header["tensors"]:
         name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in expected or name in seen or list(expected[name].shape) != entry.get("shape"):
+        if not isinstance(name, str) or name not in expected or name in seen or list(expected[name].shape) != entry.get("shape"):
             raise CompressedFileError(f"{path}: tensor {name!r} does not belong to {header['arch']['type']} "
                                       f"(or appears twice, or has another shape)")
         if entry.get("dtype") != str(expected[name].dtype).removeprefix("torch."):
@@ -260,6 +265,10 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     size = {name: len(data) for name, data in sections}
     rows = []
     for entry in header["tensors"]:
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not isinstance(entry.get("kept", 0), int) or not isinstance(entry.get("entries", 0), int):
+            raise CompressedFileError(f"{path}: malformed tensor entry in the header: {str(entry)[:100]}")
         name, encoding = str(entry.get("name")), entry.get("encoding")
         numel = math.prod(entry.get("shape") or [0])
         stored = sum(n for key, n in size.items() if key.rpartition(":")[0] == name)

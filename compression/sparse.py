@@ -50,6 +50,9 @@ def csr_from_positions(positions: np.ndarray, values: np.ndarray, shape: tuple[i
 class SparseLinear(nn.Module):
     """``nn.Linear`` for inference with a CSR weight: same outputs (up to float rounding), fewer operations.
 
+    The CSR parts are buffers (``crow_indices``, ``col_indices``, ``values``), so ``state_dict``, ``.to()``,
+    ``deepcopy`` and saving work as for any module; ``weight`` is the CSR tensor assembled from them (no copy).
+
     Args:
         weight: (out_features, in_features) CSR tensor (``csr_from_positions``).
         bias: (out_features,) or None.
@@ -60,27 +63,32 @@ class SparseLinear(nn.Module):
         if weight.layout != torch.sparse_csr or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D sparse CSR tensor, got {weight.layout} with {weight.dim()} dims")
         self.out_features, self.in_features = weight.shape
-        self.weight = weight  # a plain attribute: CSR tensors are neither parameters nor state_dict buffers
+        self.register_buffer("crow_indices", weight.crow_indices().clone())
+        self.register_buffer("col_indices", weight.col_indices().clone())
+        self.register_buffer("values", weight.values().clone())
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out_features, in_features) CSR weight, over the buffers (checked when they were built)."""
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
+                                       size=(self.out_features, self.in_features), check_invariants=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), as nn.Linear
         if self.training:
             raise RuntimeError("SparseLinear is for inference: call .eval(), or decode the file dense "
                                "(load_compressed(path), sparse=False) to train")
-        x = x.reshape(-1, self.in_features)
-        if len(x) == 1:  # CSR x vector (the paper's CSRMV): faster than the general CSR x dense product
-            y = torch.mv(self.weight, x[0]).unsqueeze(0)
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        rows = x.reshape(-1, self.in_features)
+        if len(rows) == 1:  # CSR x vector (the paper's CSRMV): faster than the general CSR x dense product
+            y = torch.mv(self.weight, rows[0]).unsqueeze(0)
         else:
-            y = torch.sparse.mm(self.weight, x.t()).t()  # (N, out)
-        return y if self.bias is None else y + self.bias
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        # .to(device) / .double() reach the CSR weight too (it is not a registered tensor).
-        super()._apply(fn, recurse)
-        self.weight = fn(self.weight)
-        return self
+            y = torch.sparse.mm(self.weight, rows.t()).t()  # (N, out)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kept = self.weight.values().numel()
+        kept = self.values.numel()
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kept={kept} ({100.0 * kept / max(self.in_features * self.out_features, 1):.2f}%), csr")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from compression.container import write_container
-from compression.model_file import CompressedFileError, payload_digest
+from compression.model_file import CompressedFileError, file_table, payload_digest
 from compression.model_file import read_compressed as read_with
 from models import MODELS, LeNet300
 from trainer.export import read_compressed, save_compressed
@@ -183,6 +183,9 @@ def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None
         lambda h, t: t.update(encoding="quantized"), lambda h, t: t.update(clusters=1 << 40),
         lambda h, t: t.pop("name"), lambda h, t: h["arch"]["args"].update(in_features=-3),
         lambda h, t: h["tensors"].append(dict(t)), lambda h, t: h.update(class_names=["x"] * 3),
+        lambda h, t: h["arch"].update(type=["x"]), lambda h, t: t.update(name=["fc1.weight"]),
+        lambda h, t: h["arch"]["args"].update(in_features=2 ** 62), lambda h, t: t.update(kept=None),
+        lambda h, t: h.update(class_names=5),
     ]
     outcomes = {"refused": 0, "identical": 0}
     for case in range(300):
@@ -200,6 +203,10 @@ def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None
             edit = header_edits[case // 3 % len(header_edits)]
             rewrite_header(bad, lambda h: edit(h, rng.choice(h["tensors"])))
         try:
+            file_table(bad)  # dcz.py info reads the same untrusted header
+        except CompressedFileError:
+            pass
+        try:
             decoded, _ = read_compressed(bad)
         except CompressedFileError:
             outcomes["refused"] += 1
@@ -207,6 +214,32 @@ def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None
         assert all(torch.equal(decoded.state_dict()[k], v) for k, v in expected.items()), case
         outcomes["identical"] += 1
     assert outcomes["refused"] > 250 and outcomes["identical"] >= 10  # class_names edits decode as before
+    for sparse in (True,):  # the sparse decode reads the same fields
+        bad.write_bytes(original)
+        rewrite_header(bad, lambda h: h["tensors"][0].update(kept=None))
+        with pytest.raises(CompressedFileError):
+            read_compressed(bad, sparse=sparse)
+
+
+def test_files_from_before_the_digest_still_read(tmp_path: Path) -> None:
+    path, model = small_file(tmp_path)
+    rewrite_header(path, lambda h: h.pop("sha256"))
+    decoded, _ = read_compressed(path)
+    assert all(torch.equal(decoded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c.update(state_dict=[1]), "'state_dict' must map names to tensors"),
+    (lambda c: c.update(masks={"fc1.weight": 5}), "'masks' must map names to tensors"),
+    (lambda c: c.update(epoch="abc"), "'epoch' must be a count"),
+    (lambda c: c.update(config=[1]), "'config' must be an object"),
+])
+def test_checkpoint_entries_of_the_wrong_type_are_refused(tmp_path: Path, edit: Any, match: str) -> None:
+    ckpt = {"state_dict": {"model.w": torch.zeros(1)}, "masks": {}, "epoch": 0}
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path / "bad.ckpt")
 
 
 def test_checkpoint_zip_bomb_is_refused_before_loading(tmp_path: Path) -> None:

@@ -112,3 +112,27 @@ def test_default_job_is_the_fashion_mnist_pipeline() -> None:
     assert json.loads((ROOT / "config.json").read_text()) == {
         **json.loads((ROOT / "configs" / "lenet300_fashionmnist_pipeline.json").read_text()),
         "name": "lenet300_fashionmnist_pipeline"}
+
+
+def test_a_new_recipe_from_a_stage_checkpoint_uses_its_own_bits(whole_run: tuple[Path, str], tmp_path: Path,
+                                                                idx_dir: Path) -> None:
+    # dense.ckpt holds the first recipe's 16-slot codebooks, not yet in use; a 6-bit recipe from it gets 64 slots.
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=2)
+    cfg["trainer"]["callbacks"] = {"IterativePruning": {"keep_ratio": 0.2}, "Quantization": {"bits": 6, "epoch": 1}}
+    path = tmp_path / "from_dense.json"
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path), "--weights", str(whole_run[0] / "dense.ckpt")]) == 0
+    ckpt = load_ckpt(only_run(tmp_path / "runs") / "last.ckpt")
+    assert ckpt["state_dict"]["compression.codebooks.fc1__weight"].numel() == 64
+
+
+def test_a_fit_stopped_before_any_compression_writes_no_file(tmp_path: Path, idx_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=3)
+    cfg["trainer"]["callbacks"] = {"Quantization": {"bits": 4, "epoch": 2}}
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(cfg))
+    original = builders.build_callbacks
+    monkeypatch.setattr(builders, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(0)])
+    assert train.main(["-c", str(path)]) == 0
+    assert not (only_run(tmp_path / "runs") / "model.dcz").exists()  # codebooks set up, nothing quantized yet

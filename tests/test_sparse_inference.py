@@ -117,3 +117,24 @@ def test_test_py_sparse_and_dcz_info_and_bench(tmp_path: Path, idx_dir: Path,
     ckpt = tmp_path / "x.ckpt"
     torch.save({"state_dict": {}}, ckpt)
     assert test.main(["-r", str(ckpt), "--sparse"]) == 2
+
+
+def test_sparse_linear_takes_inputs_like_nn_linear_and_copies() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    dense = nn.Linear(20, 7).eval()
+    with torch.no_grad():
+        dense.weight.masked_fill_(~magnitude_mask(dense.weight, 0.3), 0.0)
+    w = dense.weight.detach().numpy().ravel()
+    sparse = SparseLinear(csr_from_positions(np.flatnonzero(w), w[np.flatnonzero(w)], (7, 20)),
+                          dense.bias.detach().clone()).eval()
+    for shape in [(20,), (1, 20), (4, 20), (2, 3, 20)]:  # the leading dimensions are kept, as nn.Linear does
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert sparse(x).shape == dense(x).shape and torch.allclose(sparse(x), dense(x), atol=1e-6)
+    with pytest.raises(RuntimeError, match="input has 10 features, expected 20"):
+        sparse(torch.randn(4, 10))
+    clone = copy.deepcopy(sparse)  # the CSR parts are buffers: copied, saved and moved like any tensor
+    assert torch.equal(clone.weight.to_dense(), dense.weight.detach())
+    assert {"crow_indices", "col_indices", "values", "bias"} == set(sparse.state_dict())

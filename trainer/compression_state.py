@@ -166,13 +166,22 @@ class CompressionState(nn.Module):
         """
         state = checkpoint.get("state_dict", {})
         indices = dict(checkpoint.get(INDEX_KEY, {}))
+        missing = [name for name in indices if codebook_key(name) not in state]
+        if missing:
+            raise ValueError(f"quantization indices for {', '.join(missing)} but no codebook for them")
         codebooks = {name: state[codebook_key(name)] for name in indices}
         return dict(checkpoint.get(MASKS_KEY, {})), codebooks, indices
 
-    def load_entries(self, model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    def load_entries(self, model: nn.Module, checkpoint: Mapping[str, Any], resume: bool = True) -> None:
         """Restores masks, indices and codebooks (shapes and values) from a checkpoint.
 
         Runs before the optimizer is built, so the codebooks it registers are trained from the first step.
+
+        Args:
+            resume: The same run continues (``train.py -r``): every codebook is restored, in its order, those
+                not in use yet included (the optimizer's state is restored by position). A new run from the
+                checkpoint's weights (``--weights``) takes only the codebooks in use, so its own recipe's
+                ``Quantization`` sizes the others.
 
         Raises:
             ValueError: an entry that does not fit ``model`` (unknown parameter, shape, index range).
@@ -188,7 +197,10 @@ class CompressionState(nn.Module):
         # Every codebook of the checkpoint, in its order (a layer pruned away entirely has a codebook but no
         # index): the optimizer's state is restored by position, so the order must be the saved one.
         device = next(iter(params.values())).device if params else None
+        in_use = {codebook_key(name) for name in checkpoint.get(INDEX_KEY, {})}
         for key, size in sizes.items():
+            if not resume and key not in in_use:
+                continue
             with torch.no_grad():
                 self._codebook(key.removeprefix(_CODEBOOKS), size, device).copy_(state[key])
         for name, index in checkpoint.get(INDEX_KEY, {}).items():

@@ -92,8 +92,14 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits:
     if not isinstance(config, dict):
         raise ValueError(f"{ckpt_path} holds no config: it was not written by train.py")
     arch = {"type": config["arch"]["type"], "args": config["arch"]["args"]}
+    if arch["type"] not in MODELS or config.get("data_loader", {}).get("type") not in DATAMODULES:
+        raise ValueError(f"{ckpt_path}: its config names an unknown architecture or dataset "
+                         f"({arch['type']!r}, {config.get('data_loader', {}).get('type')!r})")
     model = MODELS[arch["type"]](**arch["args"])
-    model.load_state_dict(network_state(ckpt))
+    try:
+        model.load_state_dict(network_state(ckpt))
+    except RuntimeError as err:
+        raise ValueError(f"{ckpt_path} does not fit {arch['type']}: {str(err).splitlines()[0][:200]}") from None
     masks, codebooks, indices = CompressionState.tensors_of(ckpt)
     out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")
     out.parent.mkdir(parents=True, exist_ok=True)

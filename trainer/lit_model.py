@@ -146,15 +146,17 @@ class LitClassifier(pl.LightningModule):
         if self._trainer is not None:
             self.compression.clear_optimizer_state_(self.model, self.trainer.optimizers)
 
-    def load_compression(self, checkpoint: Mapping[str, Any]) -> None:
+    def load_compression(self, checkpoint: Mapping[str, Any], resume: bool = True) -> None:
         """Installs the masks and codebooks stored in a checkpoint (before the optimizer is built).
+
+        ``resume=False`` for a new run from the checkpoint's weights (see ``CompressionState.load_entries``).
 
         Raises:
             CheckpointError: the checkpoint's compression entries do not fit the model.
         """
         try:
-            self.compression.load_entries(self.model, checkpoint)
-        except (KeyError, ValueError) as err:
+            self.compression.load_entries(self.model, checkpoint, resume)
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"compression state does not fit {type(self.model).__name__}: {err}") from None
         self.compression.apply_(self.model)
 

@@ -52,7 +52,8 @@ _MESSAGES = {
     "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected an object",
     "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}", "less_than_equal": "must be <= {le}",
     "less_than": "must be < {lt}", "literal_error": "must be one of {expected}",
-    "string_pattern_mismatch": "must match the pattern {pattern}",
+    "string_pattern_mismatch": "must match the pattern {pattern}", "model_type": "expected an object",
+    "model_attributes_type": "expected an object",
 }
 
 

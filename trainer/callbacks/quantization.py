@@ -37,6 +37,11 @@ class QuantizationArgs(StrictArgs):
     """The arguments of ``Quantization`` (``trainer.callbacks.Quantization`` in a config)."""
 
     bits: int | dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_BITS))  # per layer name or type
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _null_is_default(cls, bits: Any) -> Any:
+        return dict(DEFAULT_BITS) if bits is None else bits  # older configs wrote "bits": null for the default
     init: str = "linear"  # centroid initialisation: linear (the paper's best), density, forgy, kmeans++
     epoch: int = 0  # epoch (0-based) at whose start the layers are clustered
     lr: float | None = None  # learning rate of the codebooks (None: the optimizer's); no weight decay on them

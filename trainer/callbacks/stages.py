@@ -66,6 +66,7 @@ class PipelineStages(Callback):
             raise ValueError("a pipeline needs at least one stage")
         self.stages, self.run_dir = stages, Path(run_dir)
         self._epoch_start = 0.0
+        self.earlier_s = 0.0  # stage time spent by the processes before a resume (restored with the state)
 
     def stage_of(self, epoch: int) -> Stage:
         return next(s for s in self.stages if s.first_epoch <= epoch <= s.last_epoch)
@@ -104,3 +105,4 @@ class PipelineStages(Callback):
         saved = {s["name"]: s["wall_s"] for s in state_dict.get("stages", [])}
         for stage in self.stages:  # the plan comes from the config; only the time spent is carried over
             stage.wall_s = float(saved.get(stage.name, 0.0))
+        self.earlier_s = sum(s.wall_s for s in self.stages)
