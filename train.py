@@ -151,12 +151,16 @@ def test_error(cfg: Config, model: nn.Module) -> float:
     return make_evaluator(cfg, model, "test")()["top1_err"]
 
 
-def checkpoint_error(cfg: Config, path: Path) -> float | None:
-    """Test top-1 error of a checkpoint's network (None when there is no such file)."""
+def checkpoint_error(cfg: Config, path: Path, dense_only: bool = False) -> float | None:
+    """Test top-1 error of a checkpoint's network (None when there is no such file, or, with ``dense_only``,
+    when the checkpoint holds a pruned model)."""
     if not path.is_file():
         return None
+    ckpt = load_checkpoint(path)
+    if dense_only and ckpt.get("masks"):
+        return None
     model = build_model(cfg)
-    load_weights(model, load_checkpoint(path), path)
+    load_weights(model, ckpt, path)
     return test_error(cfg, model)
 
 
@@ -167,14 +171,13 @@ def summarize(cfg: Config, run_dir: Path, report: dict[str, Any], stages: Pipeli
     The dense error is that of ``dense.ckpt`` (the end of the dense stage), else of the ``pretrained``
     checkpoint when it holds a dense (unpruned) model; the compressed error is that of ``model.dcz``.
     """
-    dense_path = run_dir / CHECKPOINT_NAMES["dense"]
-    if not dense_path.is_file() and cfg.pretrained and Path(cfg.pretrained).is_file() \
-            and not load_checkpoint(cfg.pretrained).get("masks"):
-        dense_path = Path(cfg.pretrained)  # (a resumed run may no longer have it: then no dense error)
+    dense_error = checkpoint_error(cfg, run_dir / CHECKPOINT_NAMES["dense"])
+    if dense_error is None and cfg.pretrained:  # (a resumed run may no longer have it: then no dense error)
+        dense_error = checkpoint_error(cfg, Path(cfg.pretrained), dense_only=True)
     f, t = report["file"], report["paper_total"]
     summary = {
         "model": cfg.arch.type, "dataset": cfg.data_loader.type, "recipe": cfg.name,
-        "dense_top1_err": checkpoint_error(cfg, dense_path),
+        "dense_top1_err": dense_error,
         "pruned_top1_err": checkpoint_error(cfg, run_dir / CHECKPOINT_NAMES["prune"]),
         "top1_err": test_error(cfg, read_compressed(run_dir / "model.dcz")[0]),
         "dcz_bytes": f["bytes"], "dense_bytes": f["dense_float32_bytes"], "rate": f["rate"],

@@ -124,6 +124,9 @@ def test_a_new_recipe_from_a_stage_checkpoint_uses_its_own_bits(whole_run: tuple
     assert train.main(["-c", str(path), "--weights", str(whole_run[0] / "dense.ckpt")]) == 0
     ckpt = load_ckpt(only_run(tmp_path / "runs") / "last.ckpt")
     assert ckpt["state_dict"]["compression.codebooks.fc1__weight"].numel() == 64
+    # No dense stage in this run: the dense error is the (unpruned) pretrained checkpoint's, as in the first run.
+    first = json.loads((whole_run[0] / "summary.json").read_text())["dense_top1_err"]
+    assert json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())["dense_top1_err"] == first
 
 
 def test_a_fit_stopped_before_any_compression_writes_no_file(tmp_path: Path, idx_dir: Path,
