@@ -109,3 +109,23 @@ def load_ckpt(path: Path) -> dict[str, Any]:
 def last_ckpt(save_dir: Path) -> dict[str, Any]:
     """``last.ckpt`` of the one run under ``save_dir``."""
     return load_ckpt(only_run(save_dir) / "last.ckpt")
+
+
+def compress_like_the_paper(model: torch.nn.Module, keep: float, bits: int, seed: int = 0) -> dict[str, Any]:
+    """Prunes every weight matrix to ``keep`` and quantizes it to ``bits`` (what the callbacks produce)."""
+    from compression.kmeans import kmeans_1d
+    from compression.pruning import magnitude_mask
+
+    # (shared by the codec, hostile-file and reproduce tests)
+    masks, codebooks, indices = {}, {}, {}
+    for name, p in model.named_parameters():
+        if not name.endswith("weight"):
+            continue
+        mask = magnitude_mask(p, keep)
+        result = kmeans_1d(p.detach()[mask].double().numpy(), 2 ** bits, seed=seed)
+        cb, idx = torch.from_numpy(result.centroids), torch.from_numpy(result.labels)
+        with torch.no_grad():
+            p.zero_()
+            p[mask] = cb[idx]
+        masks[name], codebooks[name], indices[name] = mask, cb, idx
+    return {"masks": masks, "codebooks": codebooks, "indices": indices}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compression.model_codec import decode_tensor, encode_tensor
-from helpers import load_script, tiny_config
+from helpers import compress_like_the_paper, load_script, tiny_config
 import dcz
 from dcz import CompressedFileError, read_compressed, save_compressed
 from trainer.export import encode_checkpoint
@@ -20,25 +20,6 @@ from models import LeNet5, LeNet300
 
 train = load_script("train")
 test = load_script("test")
-
-
-def compress_like_the_paper(model: torch.nn.Module, keep: float, bits: int, seed: int = 0) -> dict[str, Any]:
-    """Prunes every weight matrix to ``keep`` and quantizes it to ``bits`` (what the callbacks produce)."""
-    from compression.kmeans import kmeans_1d
-    from compression.pruning import magnitude_mask
-
-    masks, codebooks, indices = {}, {}, {}
-    for name, p in model.named_parameters():
-        if not name.endswith("weight"):
-            continue
-        mask = magnitude_mask(p, keep)
-        result = kmeans_1d(p.detach()[mask].double().numpy(), 2 ** bits, seed=seed)
-        cb, idx = torch.from_numpy(result.centroids), torch.from_numpy(result.labels)
-        with torch.no_grad():
-            p.zero_()
-            p[mask] = cb[idx]
-        masks[name], codebooks[name], indices[name] = mask, cb, idx
-    return {"masks": masks, "codebooks": codebooks, "indices": indices}
 
 
 @pytest.mark.parametrize(("model", "arch", "keep", "bits"), [

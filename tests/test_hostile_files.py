@@ -22,32 +22,21 @@ from models import MODELS, LeNet300
 from trainer.export import read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
-from helpers import load_script, only_run, tiny_config
+from helpers import compress_like_the_paper, load_script, only_run, tiny_config
 
 ARCH = {"type": "LeNet300", "args": {"num_classes": 10}}
 
 
 def small_file(tmp_path: Path, **edit: Any) -> tuple[Path, LeNet300]:
-    """A pruned and quantized LeNet-300-100 file; ``edit`` replaces weights before encoding."""
-    from compression.kmeans import kmeans_1d
-    from compression.pruning import magnitude_mask
-
+    """A pruned (5 %) and quantized (3 bits) LeNet-300-100 file; ``edit`` replaces tensors before encoding."""
     torch.manual_seed(0)
     model = LeNet300()
-    masks, codebooks, indices = {}, {}, {}
+    state = compress_like_the_paper(model, 0.05, 3)
     with torch.no_grad():
-        for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
-            w = dict(model.named_parameters())[name]
-            masks[name] = magnitude_mask(w, 0.05)
-            result = kmeans_1d(w[masks[name]].double().numpy(), 8)
-            codebooks[name] = torch.from_numpy(result.centroids).float()
-            indices[name] = torch.from_numpy(result.labels)
-            w.zero_()
-            w[masks[name]] = codebooks[name][indices[name]]
         for name, value in edit.items():
             dict(model.named_parameters())[name].copy_(value)
     path = tmp_path / "m.dcz"
-    save_compressed(model, path, arch=ARCH, masks=masks, codebooks=codebooks, indices=indices)
+    save_compressed(model, path, arch=ARCH, **state)
     return path, model
 
 

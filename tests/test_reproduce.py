@@ -17,9 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from compression.kmeans import kmeans_1d
-from compression.pruning import magnitude_mask
-from helpers import ROOT, load_script, tiny_config
+from helpers import ROOT, compress_like_the_paper, load_script, tiny_config
 from models import MODELS
 from trainer.export import file_metadata, save_compressed
 
@@ -39,22 +37,6 @@ def load_reproduce() -> Any:
 reproduce = load_reproduce()
 
 
-def compress_(model: torch.nn.Module, keep: float, clusters: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Prunes every weight tensor of ``model`` to ``keep`` and shares its survivors' values (in place)."""
-    state: dict[str, dict[str, torch.Tensor]] = {"masks": {}, "codebooks": {}, "indices": {}}
-    for name, w in model.named_parameters():
-        if not name.endswith("weight"):
-            continue
-        mask = magnitude_mask(w.detach(), keep)
-        result = kmeans_1d(w.detach()[mask].numpy(), clusters)
-        codebook, index = torch.from_numpy(result.centroids), torch.from_numpy(result.labels)
-        with torch.no_grad():
-            w.zero_()
-            w[mask] = codebook[index]
-        state["masks"][name], state["codebooks"][name], state["indices"][name] = mask, codebook, index
-    return state
-
-
 def dcz_top1_err(dcz: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> float:
     capsys.readouterr()
     assert test_script.main(["-r", str(dcz), "--json", "--set", f"data_loader.args.data_dir={idx_dir}"]) == 0
@@ -71,7 +53,7 @@ def fake_run(folder: Path, idx_dir: Path, arch: str, recipe: str, capsys: pytest
     (folder / "config.json").write_text(json.dumps(cfg))  # where the run's data is (the .dcz never says)
     with torch.no_grad():
         report = save_compressed(model, folder / "model.dcz", arch={"type": arch, "args": {}}, index_bits="auto",
-                                 metadata=file_metadata(cfg), **compress_(model, 0.1, 16))
+                                 metadata=file_metadata(cfg), **compress_like_the_paper(model, 0.1, 4))
     (folder / "compression_report.json").write_text(json.dumps(report))
     f, t = report["file"], report["paper_total"]
     summary = {"model": arch, "dataset": "FashionMNIST", "recipe": recipe, "dense_top1_err": 12.5,
