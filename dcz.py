@@ -1,6 +1,6 @@
 """The ``.dcz`` compressed model file from the command line, and its Python API for users.
 
-    python dcz.py encode runs/<name>/<ts>/best.ckpt [--out model.dcz] [--index-bits 5]
+    python dcz.py encode runs/<name>/<ts>/best.ckpt [--out model.dcz] [--index-bits 5] [--codec range]
     python dcz.py info model.dcz         # the per-layer table, from the file alone
     python dcz.py bench model.dcz        # dense vs sparse (CSR) latency of the decoded model, batch 1 and 64
 
@@ -23,11 +23,12 @@ import time
 
 import torch
 
-from compression.model_file import CompressedFileError, IndexBits, file_table
+from compression.model_codec import CODECS, HUFFMAN
+from compression.model_file import CompressedFileError, file_table
 from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
 from data import DATAMODULES
-from parse_config import ConfigError, parse_config
+from parse_config import ConfigError, ExportConfig, parse_config
 from trainer.export import encode_checkpoint, is_compressed_file, load_compressed, read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
@@ -51,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     enc.add_argument("--index-bits", type=_index_bits, default=None,
                      help=f"bits of a relative index before Huffman coding, 1..{MAX_INDEX_BITS} or 'auto' "
                           "(default: the checkpoint's config's export.index_bits)")
+    enc.add_argument("--codec", choices=list(CODECS), default=None,
+                     help="entropy coder: 'huffman' (the paper's) or 'range' (smaller; beyond the paper) "
+                          "(default: the checkpoint's config's export.codec)")
     info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
     info.add_argument("file", help="a .dcz file")
     bench = sub.add_parser("bench", help="dense vs sparse latency of a .dcz file's model on this machine")
@@ -72,7 +76,8 @@ def format_table(header: dict, rows: list[dict]) -> str:
              "| tensor | encoding | weights | kept | clusters | fillers | index bits | weight bits P+Q+H | "
              "index bits P+Q+H | bytes | rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['encoding']} | {r['weights']:,} | {r['kept_pct']:.1f}% | "
+        coded = r["encoding"] if r.get("codec") in (None, HUFFMAN) else f"{r['encoding']}, {r['codec']}"
+        lines.append(f"| {r['layer']} | {coded} | {r['weights']:,} | {r['kept_pct']:.1f}% | "
                      f"{cell(r['clusters'], '')} | {r['fillers']:,} | {cell(r['index_bits'], '')} | "
                      f"{cell(r['weight_bits_pqh'], '.2f')} | {cell(r['index_bits_pqh'], '.2f')} | {r['bytes']:,} | "
                      f"{r['rate']:.1f}x |")
@@ -129,8 +134,9 @@ def bench(path: str, batch_sizes: list[int], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def stored_index_bits(ckpt_path: str) -> IndexBits:
-    """``export.index_bits`` of the config stored in a checkpoint, validated like any config.
+def stored_export(ckpt_path: str) -> ExportConfig:
+    """The ``export`` section (``index_bits``, ``codec``) of the config stored in a checkpoint, validated like
+    any config.
 
     Raises:
         CheckpointError: unreadable checkpoint. ConfigError: it holds no valid config.
@@ -138,7 +144,7 @@ def stored_index_bits(ckpt_path: str) -> IndexBits:
     config = load_checkpoint(ckpt_path).get("config")
     if not isinstance(config, dict):
         raise ConfigError(f"{ckpt_path} holds no config (not written by train.py): pass --index-bits")
-    return parse_config(config).export.index_bits
+    return parse_config(config).export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             print(bench(args.file, sizes, args.repeats))
         else:
-            stored = stored_index_bits(args.checkpoint)  # also validates the checkpoint's config
-            bits = args.index_bits if args.index_bits is not None else stored
-            out, report = encode_checkpoint(args.checkpoint, args.out, bits)
+            stored = stored_export(args.checkpoint)  # also validates the checkpoint's config
+            bits = args.index_bits if args.index_bits is not None else stored.index_bits
+            out, report = encode_checkpoint(args.checkpoint, args.out, bits, args.codec or stored.codec)
             print(to_markdown(report, f"Compression report: {out}"))
     except (CheckpointError, ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

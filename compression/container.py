@@ -9,7 +9,7 @@ only frames such byte strings; what goes in them is decided by the caller. Layou
     8       2     format version, u16 (readers refuse newer versions)
     10      4     header length H, u32 (at most MAX_HEADER_BYTES)
     14      4     CRC32 of the header bytes, u32
-    18      H     header: a JSON object, UTF-8
+    18      H     header: a JSON object, UTF-8; from format 2 on, raw-DEFLATE compressed (RFC 1951)
     18+H    4     number of sections, u32
     then per section:
             1     name length N, u8 (1..255)
@@ -20,7 +20,10 @@ only frames such byte strings; what goes in them is decided by the caller. Layou
     nothing after the last section.
 
 Writes are atomic (temp file in the same folder, fsync, ``os.replace``); reads check every length
-against the bytes left in the file before reading it.
+against the bytes left in the file before reading it. Format 2 (written since the beyond-the-paper codecs)
+differs from format 1 only in the compressed header: a LeNet's ~1.2 KB table of contents becomes ~0.55 KB,
+5 % of a 100x file; format 1 files are still read. Inflating stops at ``MAX_HEADER_BYTES``, so a small
+header cannot expand into a large allocation.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from typing import BinaryIO
 from compression.atomic import atomic_open
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: plain JSON header; 2: the same JSON, raw-DEFLATE compressed
 MAX_PLAUSIBLE_VERSION = 64  # above this, a version field is corrupt rather than from a future release
 MAX_HEADER_BYTES = 16 << 20  # the header is a table of contents, not data
 MAX_NAME_BYTES = 255
@@ -57,6 +60,22 @@ def _encode_header(header: dict) -> bytes:
     data = text.encode("utf-8")
     if len(data) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(data)} bytes, at most {MAX_HEADER_BYTES} allowed")
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw DEFLATE: no zlib wrapper, the CRC32 covers it
+    return deflate.compress(data) + deflate.flush()
+
+
+def _inflate_header(raw: bytes, path: str) -> bytes:
+    """The JSON bytes of a format-2 header, never more than ``MAX_HEADER_BYTES`` of them."""
+    inflate = zlib.decompressobj(-15)
+    try:
+        data = inflate.decompress(raw, MAX_HEADER_BYTES)
+    except zlib.error as err:
+        raise ContainerError(f"{path}: corrupt header: it does not inflate ({err})") from err
+    if inflate.unconsumed_tail:
+        raise ContainerError(f"{path}: header inflates beyond the limit of {MAX_HEADER_BYTES} bytes")
+    if not inflate.eof or inflate.unused_data:
+        raise ContainerError(f"{path}: corrupt header: its compressed stream is incomplete or followed by "
+                             f"{len(inflate.unused_data)} stray bytes")
     return data
 
 
@@ -147,6 +166,8 @@ def _read_header(r: _Reader) -> dict:
     if zlib.crc32(raw) != crc:
         raise ContainerError(f"{r.path}: CRC mismatch in the header (stored {crc:#010x}, "
                              f"computed {zlib.crc32(raw):#010x})")
+    if version >= 2:
+        raw = _inflate_header(raw, r.path)
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # the last: absurdly deep nesting

@@ -12,49 +12,37 @@ Each tensor becomes one entry of the ``.dcz`` header plus named sections:
 Decoding puts every entry's value at its position; a filler's value is 0 at a position that is zero
 anyway, so the result is bit-identical to the encoded tensor. Every count in the header is checked
 against the sections before anything is allocated.
+
+The entropy coder is chosen per file and recorded per tensor: ``codec="huffman"`` (the paper's, the default;
+its entries carry no ``codec`` field, so such files are byte-identical to those written before the choice
+existed) or ``codec="range"`` (entries ``"codec": "range-v1"``, ``compression.range_codec``: the same
+sections, range-coded with adaptive models, positions coded from the mask itself, so no fillers and no
+``index_bits``). A reader meeting a codec it does not know says so.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
-from compression import huffman
+from compression import huffman, range_codec
 from compression.quantization import dequantize
+from compression.range_tensor import range_entries, range_entry
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, encode_positions
+from compression.tensor_entry import (CODECS, DEFAULT_CODEC, HUFFMAN, MAX_CLUSTERS, TensorStats, codebook_of,
+                                      int_field, numel_of, section_of, values_of)
+from compression.tensor_entry import f32_bytes as _f32
+
+__all__ = ["CODECS", "DEFAULT_CODEC", "HUFFMAN", "MAX_CLUSTERS", "RAW_DTYPES", "TensorStats", "decode_entries",
+           "decode_tensor", "encode_tensor", "stats_dict"]
+_int_field = int_field  # model_file's name for it
 
 RAW_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "float16": np.dtype("<f2"),
               "int64": np.dtype("<i8"), "int32": np.dtype("<i4")}
-
-
-@dataclass
-class TensorStats:
-    """What one tensor costs, for the paper's Table 2/3 columns (all sizes in bits unless named bytes)."""
-
-    name: str
-    encoding: str
-    numel: int
-    kept: int
-    entries: int = 0  # kept weights + fillers
-    fillers: int = 0
-    clusters: int = 0
-    index_bits: int = 0
-    weight_bits: float = 32.0  # bits per entry before Huffman (P+Q): ceil(log2 clusters), 32 if not quantized
-    weight_bits_huffman: float = 32.0  # coded bits per entry (P+Q+H)
-    weight_entropy: float = 0.0  # Shannon bound of the weight stream, bits per entry
-    position_bits_huffman: float = 0.0  # coded bits per entry of the position stream
-    position_entropy: float = 0.0
-    codebook_bits: int = 0
-    stream_overhead_bytes: int = 0  # stream headers, code lengths, decode-block tables
-    bytes: int = 0  # all of this tensor's section bytes
-
-
-def _f32(values: torch.Tensor) -> bytes:
-    return values.detach().cpu().contiguous().to(torch.float32).numpy().astype("<f4").tobytes()
 
 
 def _raw_entry(name: str, tensor: torch.Tensor) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
@@ -80,7 +68,8 @@ def _stream(symbols: np.ndarray, alphabet: int) -> tuple[bytes, float, float, in
 
 def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None,
                   codebook: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                  index_bits: int = DEFAULT_INDEX_BITS) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
+                  index_bits: int | str = DEFAULT_INDEX_BITS, codec: str = DEFAULT_CODEC
+                  ) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
     """Encodes one tensor: ``raw`` without a mask, ``sparse`` with a mask, ``quantized`` with a codebook too.
 
     Args:
@@ -89,10 +78,18 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
         mask: Bool mask of kept weights.
         codebook: (k,) shared values; ``index``: (n_kept,) centroid of each kept weight (row-major order).
         index_bits: Width of a relative position before Huffman coding (paper: 4-5 for fc, 8 for conv).
+            ``codec="range"`` codes positions without relative indices: there the width (or ``"auto"``: the
+            one with the smallest fixed-width size) only sets the report's P and P+Q accounting.
+        codec: Entropy coder of the streams, one of ``CODECS`` (``"huffman"``: the paper's).
 
     Returns:
         (header entry, sections, stats).
+
+    Raises:
+        ValueError: an unknown codec, or weights that disagree with their mask / codebook.
     """
+    if codec not in CODECS:
+        raise ValueError(f"{name}: unknown codec {codec!r}; choose one of {', '.join(map(repr, CODECS))}")
     if mask is None:
         return _raw_entry(name, tensor)
     if tensor.dtype != torch.float32:
@@ -110,6 +107,8 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
         what = "non-zero pruned weights" if codebook is None else "weights that are not codebook[index] on the mask"
         raise ValueError(f"{name}: the tensor has {what}; re-apply the compression state before encoding")
     flat_mask = mask.flatten().numpy()
+    if codec == "range":
+        return range_entry(name, tensor, flat_mask, codebook, index, index_bits)
     rel, filler = encode_positions(np.flatnonzero(flat_mask), index_bits)
     pos_data, pos_bits, pos_entropy, pos_over = _stream(rel, 1 << index_bits)
     entry: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "dtype": "float32", "index_bits": index_bits,
@@ -141,20 +140,6 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
     return entry, sections, stats
 
 
-def _numel(entry: dict[str, Any]) -> int:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"{entry.get('name')}: bad shape {shape!r}")
-    return math.prod(shape)
-
-
-def _section(entry: dict[str, Any], sections: dict[str, bytes], kind: str) -> bytes:
-    name = entry.get("name")
-    if f"{name}:{kind}" not in sections:
-        raise ValueError(f"{name}: section '{name}:{kind}' is missing")
-    return sections[f"{name}:{kind}"]
-
-
 def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Tensor:
     """Rebuilds one tensor from its header entry and sections.
 
@@ -162,10 +147,10 @@ def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Te
         ValueError: missing sections, sizes that disagree with the header, or corrupt streams.
     """
     name, encoding = entry.get("name"), entry.get("encoding")
-    numel = _numel(entry)
+    numel = numel_of(entry)
     if encoding == "raw":
         dtype = RAW_DTYPES.get(entry.get("dtype", ""))
-        data = _section(entry, sections, "raw")
+        data = section_of(entry, sections, "raw")
         if dtype is None or len(data) != numel * dtype.itemsize:
             raise ValueError(f"{name}: raw section has {len(data)} bytes, header says {numel} x {entry.get('dtype')}")
         return torch.from_numpy(np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))).reshape(entry["shape"])
@@ -187,35 +172,31 @@ def decode_entries(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[n
     name, encoding = entry.get("name"), entry.get("encoding")
     if encoding not in ("sparse", "quantized"):
         raise ValueError(f"{name}: unknown encoding {encoding!r}")
-    positions = _positions(entry, _section(entry, sections, "position"), _numel(entry))
+    codec = entry.get("codec", HUFFMAN)
+    if codec not in CODECS.values():
+        raise ValueError(f"{name}: unknown codec {str(codec)[:40]!r}; this reader knows {', '.join(CODECS.values())} "
+                         f"(a file from a newer version?)")
+    if codec == range_codec.CODEC:
+        try:
+            return range_entries(entry, sections, encoding)
+        except ValueError as err:  # the coder's messages do not know the tensor; the entry's own checks do
+            raise ValueError(str(err) if str(err).startswith(f"{name}: ") else f"{name}: {err}") from None
+    positions = _positions(entry, section_of(entry, sections, "position"), numel_of(entry))
     if encoding == "sparse":
-        values = _section(entry, sections, "values")
-        if len(values) != 4 * len(positions):
-            raise ValueError(f"{name}: {len(values)} value bytes for {len(positions)} entries")
-        entry_values = np.frombuffer(values, "<f4").astype(np.float32)
+        entry_values = values_of(entry, sections, len(positions))
     else:
-        book = _section(entry, sections, "codebook")
-        k = _int_field(entry, "clusters")
-        if len(book) != 4 * k or k < 1:
-            raise ValueError(f"{name}: codebook has {len(book)} bytes for {k} clusters")
-        stream = huffman.HuffmanStream.from_bytes(_section(entry, sections, "index"))
+        book, k = codebook_of(entry, sections)
+        stream = huffman.HuffmanStream.from_bytes(section_of(entry, sections, "index"))
         if stream.n_symbols != len(positions) or len(stream.lengths) != k + 1:  # before decoding allocates
             raise ValueError(f"{name}: index stream has {stream.n_symbols} symbols over {len(stream.lengths)} "
                              f"values for {len(positions)} entries and {k} clusters (+ filler)")
         symbols = huffman.decode(stream)
         if len(symbols) and symbols.max() > k:
             raise ValueError(f"{name}: index stream holds symbol {symbols.max()} beyond {k} clusters (+ filler)")
-        entry_values = np.append(np.frombuffer(book, "<f4"), np.float32(0.0))[symbols]  # symbol k: filler 0
-    if int(np.count_nonzero(entry_values)) > _int_field(entry, "kept"):
+        entry_values = np.append(book, np.float32(0.0))[symbols]  # symbol k: filler 0
+    if int(np.count_nonzero(entry_values)) > int_field(entry, "kept"):
         raise ValueError(f"{name}: more non-zero entries than the {entry.get('kept')} kept weights declared")
     return positions, entry_values
-
-
-def _int_field(entry: dict[str, Any], key: str) -> int:
-    value = entry.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{entry.get('name')}: header field {key!r} must be a non-negative integer, got {value!r}")
-    return value
 
 
 def _positions(entry: dict[str, Any], data: bytes, numel: int) -> np.ndarray:

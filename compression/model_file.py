@@ -25,7 +25,8 @@ from torch import nn
 
 from compression.container import MAGIC, ContainerError, read_container, write_container
 from compression.layers import layer_type
-from compression.model_codec import _int_field, decode_entries, decode_tensor, encode_tensor
+from compression.model_codec import (CODECS, DEFAULT_CODEC, HUFFMAN, _int_field, decode_entries, decode_tensor,
+                                     encode_tensor)
 from compression.report import build_report
 from compression.sparse import SparseLinear, csr_from_positions
 from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS
@@ -59,7 +60,7 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
                     masks: Mapping[str, torch.Tensor] | None = None,
                     codebooks: Mapping[str, torch.Tensor] | None = None,
                     indices: Mapping[str, torch.Tensor] | None = None, index_bits: IndexBits = DEFAULT_INDEX_BITS,
-                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                    metadata: dict[str, Any] | None = None, codec: str = DEFAULT_CODEC) -> dict[str, Any]:
     """Writes ``model`` as a ``.dcz`` file (atomically) and returns the compression report.
 
     Args:
@@ -71,24 +72,30 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
         index_bits: Bits of a relative position before Huffman coding: one number, ``"auto"`` (per tensor,
             the width in 2..12 with the smallest coded size), or ``{"Conv2d": 8, "Linear": "auto"}`` by type.
         metadata: Extra header fields (``input`` normalisation, ``class_names``, ``eval``...).
+        codec: Entropy coder of the pruned / quantized tensors: ``"huffman"`` (the paper's; files as before
+            this option existed) or ``"range"`` (``compression.range_codec``: smaller, ``index_bits`` then only
+            sets the report's P / P+Q accounting). Recorded per tensor in the header.
 
     Returns:
         The report (``compression.report.build_report``) measured on the written file.
 
     Raises:
-        ValueError: weights that disagree with their mask / codebook, or an ``arch`` without a type name.
+        ValueError: weights that disagree with their mask / codebook, an ``arch`` without a type name, or an
+            unknown codec.
     """
     masks, codebooks, indices = masks or {}, codebooks or {}, indices or {}
     if not isinstance(arch.get("type"), str):
         raise ValueError(f"arch must name its type, got {arch!r}")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(map(repr, CODECS))}")
     entries, sections, stats = [], [], []
     for name, tensor in model.state_dict().items():
         bits = index_bits_for(index_bits, layer_type(model, name))
         args = (name, tensor, masks.get(name), codebooks.get(name), indices.get(name))
-        if bits == "auto":  # beyond the paper: the width that gives this tensor the smallest coded size
+        if bits == "auto" and codec == "huffman":  # beyond the paper: the width of the smallest coded size
             entry, parts, stat = min((encode_tensor(*args, b) for b in AUTO_INDEX_BITS), key=lambda e: e[2].bytes)
         else:
-            entry, parts, stat = encode_tensor(*args, bits)
+            entry, parts, stat = encode_tensor(*args, bits, codec=codec)
         entries.append(entry)
         sections += parts
         stats.append(stat)
@@ -250,7 +257,7 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     Bits are measured on the sections: a coded stream's bytes (its code-length table included) per entry.
 
     Returns:
-        (header, rows): each row ``layer, encoding, weights, kept, kept_pct, clusters, fillers, index_bits,
+        (header, rows): each row ``layer, encoding, codec, weights, kept, kept_pct, clusters, fillers, index_bits,
         weight_bits_pqh, index_bits_pqh, bytes, rate``.
 
     Raises:
@@ -272,10 +279,11 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         name, encoding = str(entry.get("name")), entry.get("encoding")
         numel = math.prod(entry.get("shape") or [0])
         stored = sum(n for key, n in size.items() if key.rpartition(":")[0] == name)
-        entries = int(entry.get("entries") or 0)
         kept = int(entry.get("kept", numel)) if encoding != "raw" else numel
+        codec = str(entry.get("codec", HUFFMAN))[:40] if encoding != "raw" else None
+        entries = int(entry.get("entries", kept if codec not in (None, HUFFMAN) else 0) or 0)  # range: no fillers
         weight_bytes = size.get(f"{name}:index", size.get(f"{name}:values", 0))
-        rows.append({"layer": name, "encoding": encoding, "weights": numel, "kept": kept,
+        rows.append({"layer": name, "encoding": encoding, "codec": codec, "weights": numel, "kept": kept,
                      "kept_pct": 100.0 * kept / max(numel, 1), "clusters": entry.get("clusters"),
                      "fillers": entries - kept if encoding != "raw" else 0, "index_bits": entry.get("index_bits"),
                      "weight_bits_pqh": 8 * weight_bytes / entries if entries else None,

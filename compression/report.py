@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compression.model_codec import TensorStats
+from compression.tensor_entry import HUFFMAN, TensorStats
 
 
 def _layer_row(s: TensorStats) -> dict[str, Any]:
@@ -17,11 +17,13 @@ def _layer_row(s: TensorStats) -> dict[str, Any]:
     if s.encoding == "raw":
         p = pq = pqh = float(8 * s.bytes)
     else:
-        p = s.entries * (32 + s.index_bits)  # pruning only: float32 values and fixed-width relative indices
-        pq = s.entries * (s.weight_bits + s.index_bits) + s.codebook_bits
+        fixed = s.pq_entries or s.entries  # range-v1 stores no fillers, but the fixed-width layouts need them
+        p = fixed * (32 + s.index_bits)  # pruning only: float32 values and fixed-width relative indices
+        pq = fixed * (s.weight_bits + s.index_bits) + s.codebook_bits
         pqh = s.entries * (s.weight_bits_huffman + s.position_bits_huffman) + s.codebook_bits
     return {
-        "layer": s.name, "encoding": s.encoding, "weights": s.numel, "kept": s.kept,
+        "layer": s.name, "encoding": s.encoding, "codec": s.codec if s.encoding != "raw" else None,
+        "weights": s.numel, "kept": s.kept,
         "kept_pct": 100.0 * s.kept / max(s.numel, 1), "clusters": s.clusters, "fillers": s.fillers,
         "weight_bits_pq": s.weight_bits, "weight_bits_pqh": s.weight_bits_huffman,
         "weight_entropy": s.weight_entropy,
@@ -70,6 +72,12 @@ def to_markdown(report: dict[str, Any], title: str = "Compression report") -> st
                      f"| {r['index_bits_pq']} | {r['index_bits_pqh']:.2f} ({r['index_entropy']:.2f}) | {r['fillers']:,} "
                      f"| {r['rate_pq']:.1f}× | {r['rate_pqh']:.1f}× |")
     t, f = report["paper_total"], report["file"]
+    ranged = [r["layer"] for r in report["layers"] if r.get("codec") not in (None, HUFFMAN)]
+    if ranged:  # say which coder the H columns measure, and what their "entropy" is there
+        lines += ["", f"H = range coding (range-v1, beyond the paper) for {', '.join(ranged)}: its real coded bits per "
+                  f"kept weight; entropy in parentheses: of the cluster indices (zero-order), and of the mask as "
+                  f"independent coin flips (the per-row context can beat it). P and P+Q: the paper's fixed-width "
+                  f"layout at the index bits shown, fillers counted."]
     lines += ["", f"**Paper's accounting** (coded bits of every tensor, codebooks included, vs 32 bits per weight): "
               f"{t['weights']:,} weights, {t['kept']:,} non-zero ({100 * t['kept'] / max(t['weights'], 1):.2f}%); "
               f"P {t['rate_p']:.1f}×, P+Q {t['rate_pq']:.1f}×, P+Q+H **{t['rate_pqh']:.1f}×**.", "",

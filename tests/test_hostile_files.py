@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from compression.container import write_container
+from compression.container import FORMAT_VERSION, write_container
 from compression.model_file import CompressedFileError, file_table, payload_digest
 from compression.model_file import read_compressed as read_with
 from models import MODELS, LeNet300
@@ -27,7 +27,7 @@ from helpers import compress_like_the_paper, load_script, only_run, tiny_config
 ARCH = {"type": "LeNet300", "args": {"num_classes": 10}}
 
 
-def small_file(tmp_path: Path, **edit: Any) -> tuple[Path, LeNet300]:
+def small_file(tmp_path: Path, codec: str = "huffman", **edit: Any) -> tuple[Path, LeNet300]:
     """A pruned (5 %) and quantized (3 bits) LeNet-300-100 file; ``edit`` replaces tensors before encoding."""
     torch.manual_seed(0)
     model = LeNet300()
@@ -36,17 +36,22 @@ def small_file(tmp_path: Path, **edit: Any) -> tuple[Path, LeNet300]:
         for name, value in edit.items():
             dict(model.named_parameters())[name].copy_(value)
     path = tmp_path / "m.dcz"
-    save_compressed(model, path, arch=ARCH, **state)
+    save_compressed(model, path, arch=ARCH, codec=codec, **state)
     return path, model
 
 
 def rewrite_header(path: Path, change: Any) -> None:
-    """Edits the JSON header and recomputes its CRC (what a deliberate editor would do)."""
+    """Edits the JSON header and recomputes its CRC (what a deliberate editor would do); a format-2 header is
+    raw DEFLATE around the same JSON (``compression.container``)."""
     data = path.read_bytes()
-    length = struct.unpack_from("<I", data, 10)[0]
-    header = json.loads(data[18:18 + length])
+    version, length = struct.unpack_from("<HI", data, 8)
+    raw = data[18:18 + length]
+    header = json.loads(zlib.decompress(raw, -15) if version >= 2 else raw)
     change(header)
     raw = json.dumps(header).encode()
+    if version >= 2:
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        raw = deflate.compress(raw) + deflate.flush()
     path.write_bytes(data[:10] + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw + data[18 + length:])
 
 
@@ -152,7 +157,8 @@ def test_declared_dtype_must_be_the_architectures(tmp_path: Path) -> None:
         read_compressed(path)
 
 
-@pytest.mark.parametrize(("version", "match"), [(2, "written by a newer version"), (51966, "corrupt file")])
+@pytest.mark.parametrize(("version", "match"), [(FORMAT_VERSION + 1, "written by a newer version"),
+                                                (51966, "corrupt file")])
 def test_version_field(tmp_path: Path, version: int, match: str) -> None:
     path, _ = small_file(tmp_path)
     data = path.read_bytes()
@@ -161,9 +167,10 @@ def test_version_field(tmp_path: Path, version: int, match: str) -> None:
         read_compressed(path)
 
 
-def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", ["huffman", "range"])
+def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path, codec: str) -> None:
     """Seeded mutations of a real file: truncations, bit flips, header edits with recomputed CRCs."""
-    path, model = small_file(tmp_path)
+    path, model = small_file(tmp_path, codec)
     original, expected = path.read_bytes(), model.state_dict()
     rng = random.Random(0)
     header_edits = [
@@ -174,7 +181,8 @@ def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None
         lambda h, t: h["tensors"].append(dict(t)), lambda h, t: h.update(class_names=["x"] * 3),
         lambda h, t: h["arch"].update(type=["x"]), lambda h, t: t.update(name=["fc1.weight"]),
         lambda h, t: h["arch"]["args"].update(in_features=2 ** 62), lambda h, t: t.update(kept=None),
-        lambda h, t: h.update(class_names=5),
+        lambda h, t: h.update(class_names=5), lambda h, t: t.update(codec="range-v2"),
+        lambda h, t: t.update(codec="range-v1"), lambda h, t: t.update(clusters=t.get("clusters", 0) + 1),
     ]
     outcomes = {"refused": 0, "identical": 0}
     for case in range(300):
@@ -202,7 +210,9 @@ def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path) -> None
             continue
         assert all(torch.equal(decoded.state_dict()[k], v) for k, v in expected.items()), case
         outcomes["identical"] += 1
-    assert outcomes["refused"] > 250 and outcomes["identical"] >= 10  # class_names edits decode as before
+    # Edits of class_names (and, in range-v1 entries, of the index_bits and entries they do not have) decode
+    # as before; every other case is refused.
+    assert outcomes["refused"] > 240 and outcomes["identical"] >= 10
     for sparse in (True,):  # the sparse decode reads the same fields
         bad.write_bytes(original)
         rewrite_header(bad, lambda h: h["tensors"][0].update(kept=None))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compression.atomic import atomic_write_text
+from compression.model_codec import DEFAULT_CODEC
 from compression.model_file import IndexBits, is_compressed_file
 from compression.model_file import read_compressed as _read_compressed
 from compression.model_file import save_compressed as _save_compressed
@@ -73,13 +74,16 @@ def file_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
                                              "shape": list(datamodule.input_shape)}}
 
 
-def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits: IndexBits) -> tuple[Path, dict]:
+def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits: IndexBits,
+                      codec: str | None = None) -> tuple[Path, dict]:
     """Writes ``model.dcz``, ``compression_report.md`` and ``.json`` for a (pruned / quantized) checkpoint.
 
     Args:
         ckpt_path: A checkpoint written by train.py.
         out: The ``.dcz`` path (None: ``model.dcz`` beside the checkpoint); the reports go beside it.
         index_bits: Relative-index width (``export.index_bits`` of the config: a number, ``"auto"`` or by type).
+        codec: Entropy coder (``export.codec``: ``"huffman"``, the paper's, or ``"range"``); None: the one the
+            checkpoint's own config names (a config written before the option existed: ``"huffman"``).
 
     Returns:
         (path of the .dcz file, report).
@@ -95,17 +99,24 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits:
     if arch["type"] not in MODELS or config.get("data_loader", {}).get("type") not in DATAMODULES:
         raise ValueError(f"{ckpt_path}: its config names an unknown architecture or dataset "
                          f"({arch['type']!r}, {config.get('data_loader', {}).get('type')!r})")
-    model = MODELS[arch["type"]](**arch["args"])
-    try:
-        model.load_state_dict(network_state(ckpt))
+    ckpt.pop("optimizer_states", None)  # momentum etc.: as large as the weights, and not part of the file
+    with torch.device("meta"):  # no random init of weights about to be replaced, no second copy of them
+        model = MODELS[arch["type"]](**arch["args"])
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    try:  # the checkpoint's tensors become the model's (cast only where a run trained in another dtype)
+        model.load_state_dict({k: v.to(dtypes.get(k, v.dtype)) for k, v in network_state(ckpt).items()},
+                              assign=True)
     except RuntimeError as err:
         raise ValueError(f"{ckpt_path} does not fit {arch['type']}: {str(err).splitlines()[0][:200]}") from None
     masks, codebooks, indices = CompressionState.tensors_of(ckpt)
+    if codec is None:  # the run's own choice; save_compressed refuses a name it does not know
+        stored = config.get("export")
+        codec = stored.get("codec", DEFAULT_CODEC) if isinstance(stored, dict) else DEFAULT_CODEC
     out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         report = save_compressed(model, out, arch=arch, masks=masks, codebooks=codebooks, indices=indices,
-                                 index_bits=index_bits, metadata=file_metadata(config))
+                                 index_bits=index_bits, metadata=file_metadata(config), codec=codec)
     report["source"] = {"checkpoint": str(ckpt_path), "file": str(out)}
     atomic_write_text(out.with_name("compression_report.md"), to_markdown(report, f"Compression report: {out.name}"))
     atomic_write_text(out.with_name("compression_report.json"), json.dumps(report, indent=2) + "\n")
