@@ -169,7 +169,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
     tc = cfg.trainer
     kwargs: dict[str, Any] = dict(
         max_epochs=tc.max_epochs, min_epochs=tc.min_epochs, accelerator=tc.accelerator, devices=tc.devices,
-        strategy=tc.strategy, precision=tc.precision, log_every_n_steps=tc.log_every_n_steps,
+        num_nodes=tc.num_nodes, strategy=tc.strategy, precision=tc.precision,
+        log_every_n_steps=tc.log_every_n_steps,
         deterministic=tc.deterministic,  # no gradient_clip_val: LitClassifier clips (manual optimization)
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
         enable_progress_bar=tc.progress_bar != "none",
@@ -223,7 +224,7 @@ def make_evaluator(cfg: Config, model: nn.Module, split: str, limit_batches: int
         cfg.trainer.progress_bar = "none"
     limit = 1.0 if limit_batches is None else limit_batches
     trainer = build_trainer(cfg, run_dir=None, enable_model_summary=False, limit_val_batches=limit,
-                            limit_test_batches=limit, **one_device(cfg))
+                            limit_test_batches=limit, num_nodes=1, **one_device(cfg))
     run = trainer.validate if split == "val" else trainer.test
     # Each call would log "epoch 0: val/top1_err ..." and, on a GPU, the visible devices, through the bar.
     chatty = [get_logger("train"), logging.getLogger("lightning.pytorch.accelerators.cuda")] if quiet else []

@@ -24,10 +24,11 @@ from typing_extensions import Self
 
 from compression.atomic import atomic_write_text
 from compression.layers import LayerType
+from compression.model_codec import CODECS, DEFAULT_CODEC
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS
 from data import DATAMODULES
 from models import MODELS
-from trainer.callbacks import CALLBACKS, PruningArgs, QuantizationArgs
+from trainer.callbacks import CALLBACKS, COMPRESSION_ARGS, DistillationArgs, PruningArgs, QuantizationArgs
 from trainer.callbacks.args import StrictArgs, format_errors
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
 
@@ -85,6 +86,7 @@ class CallbacksConfig(_Strict):
 
     IterativePruning: PruningArgs | None = None  # pruning during (re)training (Han 2015)
     Quantization: QuantizationArgs | None = None  # trained quantization (Han 2016 §3)
+    Distillation: DistillationArgs | None = None  # the dense network teaches the compressed one (beyond the paper)
     ModelCheckpoint: dict[str, Any] | None = None  # Lightning's, with its own arguments (checked early)
     EarlyStopping: dict[str, Any] | None = None
     LearningRateMonitor: dict[str, Any] | None = None
@@ -106,7 +108,8 @@ class TrainerConfig(_Strict):
     min_epochs: int = Field(0, ge=0)  # early stopping cannot end the run before this
     save_dir: str = "runs/"  # runs go to <save_dir>/<name>/<timestamp>/
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
-    devices: int | str | list[int] = "auto"  # "auto", a count, or a list of device ids
+    devices: int | str | list[int] = "auto"  # "auto", a count, or a list of device ids (per machine)
+    num_nodes: int = Field(1, ge=1)  # machines taking part (Lightning's num_nodes); devices is per machine
     strategy: str = "auto"  # "auto", "ddp", "ddp_spawn", "fsdp", ... (Lightning names)
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
     gradient_clip_val: float | None = Field(None, ge=0)  # clip gradient norm to this (None: off)
@@ -147,6 +150,9 @@ class ExportConfig(_Strict):
     # Relative-index width before Huffman: 1..16, "auto" (smallest file per tensor), or by layer type
     # ({"Conv2d": 8, "Linear": "auto"}; a type not named gets DEFAULT_INDEX_BITS).
     index_bits: IndexBits | dict[LayerType, IndexBits] = DEFAULT_INDEX_BITS
+    # Entropy coder of the pruned / quantized tensors: "huffman" (the paper's) or "range" (beyond the paper:
+    # adaptive range coding, a smaller file; index_bits then only sets the report's P / P+Q accounting).
+    codec: Literal[tuple(CODECS)] = DEFAULT_CODEC  # type: ignore[valid-type]
 
     @field_validator("index_bits")
     @classmethod
@@ -231,7 +237,7 @@ def _check_specs(cfg: Config) -> None:
         if spec is not None:
             check_args(spec.target, spec.args, f"{path}.args", spec.SUPPLIED)
     for name, args in cfg.trainer.callbacks.items():  # the compression callbacks' are typed in the schema
-        if name not in ("IterativePruning", "Quantization"):
+        if name not in COMPRESSION_ARGS:
             check_args(CALLBACKS[name], args, f"trainer.callbacks.{name}")
     # The data decides the class count: fill it in, or catch a mismatch now rather than at the first batch.
     num_classes = cfg.data_loader.target.num_classes

@@ -23,10 +23,21 @@ def written(tmp_path: Path, header: dict = HEADER, sections: list = SECTIONS) ->
     return path, path.read_bytes()
 
 
+def deflate(data: bytes) -> bytes:
+    """Raw DEFLATE, as format 2 stores its header."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
 def raw_file(tmp_path: Path, version: int = FORMAT_VERSION, header: bytes = b"{}", count: int = 0,
-             tail: bytes = b"", magic: bytes = MAGIC) -> Path:
-    """A file laid out by hand, with a correct header CRC unless the test damages it afterwards."""
+             tail: bytes = b"", magic: bytes = MAGIC, packed: bytes | None = None) -> Path:
+    """A file laid out by hand, with a correct header CRC unless the test damages it afterwards; the JSON
+    ``header`` is deflated for format 2 (``packed``: the header field's bytes exactly as given)."""
     path = tmp_path / "raw.dcz"
+    if packed is not None:
+        header = packed
+    elif version >= 2:
+        header = deflate(header)
     path.write_bytes(struct.pack("<8sHII", magic, version, len(header), zlib.crc32(header)) + header
                      + struct.pack("<I", count) + tail)
     return path
@@ -51,7 +62,7 @@ def test_overwrite_and_empty_container(tmp_path: Path) -> None:
 def test_corrupted_header_byte_names_the_header(tmp_path: Path) -> None:
     path, data = written(tmp_path)
     damaged = bytearray(data)
-    damaged[data.index(b"LeNet300")] ^= 0x01
+    damaged[30] ^= 0x01  # inside the (compressed) header, which starts at byte 18
     path.write_bytes(bytes(damaged))
     with pytest.raises(ContainerError, match="CRC mismatch in the header"):
         read_container(path)
@@ -100,10 +111,33 @@ def test_text_mode_mangling_is_caught_by_the_magic(tmp_path: Path) -> None:
 
 
 def test_future_version_asks_for_an_upgrade(tmp_path: Path) -> None:
-    with pytest.raises(ContainerError, match="newer version.*format 2.*upgrade"):
+    with pytest.raises(ContainerError, match="newer version.*format 3, this one reads up to 2.*upgrade"):
         read_container(raw_file(tmp_path, version=FORMAT_VERSION + 1))
-    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..1"):
+    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..2"):
         read_container(raw_file(tmp_path, version=0))
+
+
+def test_format_1_files_with_a_plain_header_are_still_read(tmp_path: Path) -> None:
+    text = json.dumps(HEADER).encode()
+    assert read_container(raw_file(tmp_path, version=1, header=text)) == (HEADER, [])
+
+
+def test_the_header_is_stored_deflated_and_smaller(tmp_path: Path) -> None:
+    header = {"tensors": [{"name": f"fc{i}.weight", "encoding": "quantized", "dtype": "float32"} for i in range(9)]}
+    _, data = written(tmp_path, header, [])
+    (length,) = struct.unpack("<I", data[10:14])
+    assert length < len(json.dumps(header, separators=(",", ":"))) / 2
+
+
+@pytest.mark.parametrize(("packed", "match"), [
+    (b"\xff\x00garbage", "corrupt header: it does not inflate"),
+    (deflate(b"{}")[:-1], "corrupt header: its compressed stream is incomplete"),
+    (deflate(b"{}") + b"xx", "followed by 2 stray bytes"),
+    (deflate(b" " * (container.MAX_HEADER_BYTES + 1) + b"{}"), "header inflates beyond the limit"),  # 16 KB file
+])
+def test_a_damaged_or_exploding_compressed_header_is_refused(tmp_path: Path, packed: bytes, match: str) -> None:
+    with pytest.raises(ContainerError, match=match):
+        read_container(raw_file(tmp_path, packed=packed))
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
@@ -199,7 +233,7 @@ def test_write_rejects_bad_arguments(tmp_path: Path, header: object, sections: l
 
 def test_layout_is_as_documented(tmp_path: Path) -> None:
     _, data = written(tmp_path, {"a": 1}, [("w", b"xyz")])
-    header = json.dumps({"a": 1}, separators=(",", ":")).encode()
+    header = deflate(json.dumps({"a": 1}, separators=(",", ":")).encode())
     expected = (MAGIC + struct.pack("<HII", FORMAT_VERSION, len(header), zlib.crc32(header)) + header
                 + struct.pack("<I", 1) + b"\x01w" + struct.pack("<QI", 3, zlib.crc32(b"xyz", zlib.crc32(b"w")))
                 + b"xyz")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,9 @@ from logger import get_logger
 from trainer.compression_state import CompressionState
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
 from utils import CheckpointError
+
+if TYPE_CHECKING:
+    from trainer.callbacks.distillation import Teacher
 
 log = get_logger("train")
 MODEL_ATTR = "model"  # the attribute holding the network: its weights are "model.*" in a checkpoint
@@ -59,6 +62,7 @@ class LitClassifier(pl.LightningModule):
         # start with this attribute's name, STATE_ATTR).
         self.compression = CompressionState()
         self.codebook_lr: float | None = None  # learning rate of the codebooks (None: the optimizer's)
+        self.teacher: Teacher | None = None  # set by the Distillation callback: adds its soft term to the loss
         # The optimizer step is written out in training_step (Lightning's manual optimization): the
         # automatic loop's closures and extra hooks cost ~0.2 ms a step, ~10 % of a LeNet step on CPU.
         self.automatic_optimization = False
@@ -95,7 +99,9 @@ class LitClassifier(pl.LightningModule):
         # before optimizer.step(), which increments global_step.
         log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         optimizer = self.optimizers()
-        loss, _, _ = self.model_step(batch)
+        loss, logits, _ = self.model_step(batch)
+        if self.teacher is not None:
+            loss = self.teacher.loss(batch[0], logits, loss)
         optimizer.zero_grad()
         self.manual_backward(loss)  # then on_after_backward: masked gradients, codebook gradients
         optimizer.step()  # calls on_before_optimizer_step (gradient clipping) first, then updates
@@ -115,8 +121,9 @@ class LitClassifier(pl.LightningModule):
         values = {}
         for name in self.metrics:
             meter = self.acc[stage][name]
-            values[name] = 100.0 * (1.0 - meter.compute())
-            self.log(f"{stage}/{name}", values[name], prog_bar=name == "top1_err")
+            values[name] = 100.0 * (1.0 - meter.compute())  # compute() sums the counts of every DDP rank
+            # Equal on every rank already; sync_dist says so (and stops Lightning's warning that it might not be).
+            self.log(f"{stage}/{name}", values[name], prog_bar=name == "top1_err", sync_dist=True)
             meter.reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             summary = ", ".join(f"{stage}/{k} {float(v):.2f}%" for k, v in values.items())

@@ -19,6 +19,8 @@ SCHEDULERS: dict[str, type] = {
     "MultiStepLR": torch.optim.lr_scheduler.MultiStepLR,
     "ExponentialLR": torch.optim.lr_scheduler.ExponentialLR,
     "CosineAnnealingLR": torch.optim.lr_scheduler.CosineAnnealingLR,
+    # Restarts: one cosine cycle per pipeline stage (a dense cycle, then one for pruning and quantization).
+    "CosineAnnealingWarmRestarts": torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,
     "ReduceLROnPlateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
 }
 

@@ -1,8 +1,9 @@
 """Callback registry: the names a config's ``trainer.callbacks`` may use, and their argument models.
 
 Lightning's own callbacks (``ModelCheckpoint`` is trainer/lean.py's subclass of it: same behaviour, cheaper
-per step) plus the compression callbacks (``IterativePruning``, ``Quantization``), whose arguments are
-typed models (``PruningArgs``, ``QuantizationArgs``) that the config schema uses as they are.
+per step) plus the compression callbacks (``IterativePruning``, ``Quantization``, ``Distillation``), whose
+arguments are typed models (``PruningArgs``, ``QuantizationArgs``, ``DistillationArgs``) that the config
+schema uses as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 
+from trainer.callbacks.distillation import Distillation, DistillationArgs
 from trainer.callbacks.pruning import IterativePruning, PruningArgs
 from trainer.callbacks.quantization import Quantization, QuantizationArgs
 from trainer.lean import ModelCheckpoint  # Lightning's, with its state key cached
@@ -19,11 +21,13 @@ from trainer.lean import ModelCheckpoint  # Lightning's, with its state key cach
 CALLBACKS: dict[str, type[Callback]] = {
     "IterativePruning": IterativePruning,
     "Quantization": Quantization,
+    "Distillation": Distillation,
     "ModelCheckpoint": ModelCheckpoint,
     "EarlyStopping": EarlyStopping,
     "LearningRateMonitor": LearningRateMonitor,
 }
-COMPRESSION_ARGS = {"IterativePruning": PruningArgs, "Quantization": QuantizationArgs}
+COMPRESSION_ARGS = {"IterativePruning": PruningArgs, "Quantization": QuantizationArgs,
+                    "Distillation": DistillationArgs}
 
 PRUNE_EPOCH = 0  # a sensitivity proposal prunes one-shot at the start of the first epoch...
 QUANTIZE_EPOCH = 1  # ...and clusters one epoch later, so pruning gets one epoch of retraining first
@@ -46,5 +50,5 @@ def proposal_callbacks(keep_ratio: Mapping[str, float], bits: Mapping[str, int],
     return out
 
 
-__all__ = ["CALLBACKS", "COMPRESSION_ARGS", "IterativePruning", "PruningArgs", "Quantization", "QuantizationArgs",
-           "proposal_callbacks"]
+__all__ = ["CALLBACKS", "COMPRESSION_ARGS", "Distillation", "DistillationArgs", "IterativePruning", "PruningArgs",
+           "Quantization", "QuantizationArgs", "proposal_callbacks"]

@@ -1,0 +1,90 @@
+"""``Distillation``: the teacher is frozen at its epoch, changes the loss, and survives a resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import builders
+import train
+from helpers import StopAfter, load_ckpt, only_run, write_config
+from parse_config import ConfigError, parse_config
+from test_callbacks_trainer import fit, tiny_module
+from trainer.callbacks import Distillation, IterativePruning
+from trainer.callbacks.distillation import Teacher
+
+CALLBACKS = {"IterativePruning": {"keep_ratio": 0.2, "start_epoch": 1},
+             "Distillation": {"epoch": 1, "temperature": 3.0, "alpha": 0.7},
+             "Quantization": {"bits": 3, "epoch": 2}}
+
+
+def test_soft_term_is_hintons_formula() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3)
+    x, student, hard = torch.randn(5, 4), torch.randn(5, 3), torch.tensor(0.8)
+    t, alpha = 2.0, 0.25
+    p = F.softmax(teacher(x) / t, dim=1)  # KL(p || q) summed over classes, averaged over the batch
+    kl = (p * (p.log() - F.log_softmax(student / t, dim=1))).sum(1).mean()
+    got = Teacher(teacher, t, alpha).loss(x, student, hard)
+    assert got.item() == pytest.approx((1 - alpha) * 0.8 + alpha * t * t * kl.item(), rel=1e-5)
+
+
+def test_teacher_is_the_network_at_its_epoch_and_stays_frozen() -> None:
+    module = tiny_module()
+    seen: dict[str, torch.Tensor] = {}
+
+    class Snapshot(IterativePruning):  # records the weights at the start of epoch 1, before anything else
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            if trainer.current_epoch == 1:
+                seen.update({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+            super().on_train_epoch_start(trainer, pl_module)
+
+    fit(module, [Snapshot(keep_ratio=0.5, start_epoch=2), Distillation(epoch=1)], epochs=3)
+    assert module.teacher is not None and not any(p.requires_grad for p in module.teacher.model.parameters())
+    for key, value in module.teacher.model.state_dict().items():
+        assert torch.equal(value, seen[key]), key  # trained two more epochs, the teacher did not move
+    assert not torch.equal(module.model.fc1.weight, seen["fc1.weight"])
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # never part of the student
+
+
+def test_distillation_changes_training_and_is_off_before_its_epoch() -> None:
+    plain, taught = tiny_module(), tiny_module()
+    fit(plain, [], epochs=2)
+    fit(taught, [Distillation(epoch=0, alpha=0.9)], epochs=2)
+    assert not torch.equal(plain.model.fc1.weight, taught.model.fc1.weight)
+    late = tiny_module()  # teacher from epoch 2, stopped after epoch 1: so far, plain training
+    fit(late, [Distillation(epoch=2), StopAfter(1)], epochs=3)
+    assert late.teacher is None and torch.equal(late.model.fc1.weight, plain.model.fc1.weight)
+
+
+def test_resume_after_the_teacher_was_taken_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = write_config(tmp_path, idx_dir, "whole", CALLBACKS, max_epochs=4)
+    assert train.main(["-c", str(whole)]) == 0
+    cut = write_config(tmp_path, idx_dir, "cut", CALLBACKS, max_epochs=4)
+    original = builders.build_callbacks
+    with monkeypatch.context() as patch:  # killed after epoch 2: the teacher (taken at 1) is in last.ckpt
+        patch.setattr(builders, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(2)])
+        assert train.main(["-c", str(cut)]) == 0
+    run = only_run(tmp_path / "cut")
+    stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
+    assert set(stored["teacher"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"}
+    assert train.main(["-r", str(run / "last.ckpt")]) == 0
+    a, b = load_ckpt(only_run(tmp_path / "whole") / "last.ckpt"), load_ckpt(run / "last.ckpt")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert (only_run(tmp_path / "whole") / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+
+
+def test_config_checks_distillation_early(tmp_path: Path, idx_dir: Path) -> None:
+    path = write_config(tmp_path, idx_dir, "bad", {"Distillation": {"epoch": 9}}, max_epochs=3)
+    cfg = parse_config(json.loads(path.read_text()))
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Distillation: epoch 9 is outside the run's epochs 0\.\.2"):
+        builders.build_config_callbacks(cfg, builders.build_model(cfg))
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Distillation\.temperature: must be > 0"):
+        parse_config({**json.loads(path.read_text()), "trainer": {
+            **json.loads(path.read_text())["trainer"], "callbacks": {"Distillation": {"temperature": 0}}}})

@@ -1,0 +1,116 @@
+"""``Distillation``: the compressed network learns from the dense one (Hinton et al. 2015, arXiv 1503.02531).
+
+Beyond the paper: Deep Compression retrains the pruned / quantized network on the labels alone. Here the
+network as it is at ``epoch`` (in a one-fit pipeline, the end of the dense stage; with ``--weights`` and
+``epoch: 0``, the pretrained dense model) is frozen as a *teacher*, and from then on every training step's
+loss is
+
+    (1 - alpha) · CE(student, y) + alpha · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+
+(Hinton's eq. with the T² factor that keeps the soft term's gradients on the scale of the hard one's). The
+teacher's weights are part of the callback's checkpoint state, so ``train.py -r`` resumes with the same
+teacher; evaluation (val / test) and the ``.dcz`` file never involve it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from pydantic import Field
+from torch import nn
+from typing_extensions import override
+
+from logger import get_logger
+from trainer.callbacks.args import StrictArgs, validated
+
+if TYPE_CHECKING:
+    from trainer.lit_model import LitClassifier
+
+log = get_logger("distillation")
+
+
+class DistillationArgs(StrictArgs):
+    """The arguments of ``Distillation`` (``trainer.callbacks.Distillation`` in a config)."""
+
+    epoch: int = Field(0, ge=0)  # the network at the start of this epoch becomes the teacher
+    temperature: float = Field(4.0, gt=0)  # T: softens both distributions (Hinton: 2-20)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) term; 1 - alpha on the labels
+
+
+@dataclass
+class Teacher:
+    """What ``LitClassifier.training_step`` needs to add the soft term (not an ``nn.Module`` attribute:
+    the teacher must not enter the student's state dict, optimizer or DDP wrapper)."""
+
+    model: nn.Module
+    temperature: float
+    alpha: float
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
+        """``(1 - alpha) · hard_loss + alpha · T² · KL(teacher ‖ student)`` on the batch ``x``."""
+        with torch.no_grad():
+            target = F.log_softmax(self.model(x) / self.temperature, dim=1)  # (N, classes)
+        soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
+                        reduction="batchmean")
+        return (1.0 - self.alpha) * hard_loss + self.alpha * self.temperature ** 2 * soft
+
+
+class Distillation(Callback):
+    """Freezes the network at ``epoch`` as the teacher of every later training step.
+
+    Args:
+        epoch, temperature, alpha: see ``DistillationArgs``.
+
+    Raises:
+        ValueError: an argument out of range (``DistillationArgs``' message).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        args = validated(DistillationArgs, kwargs, "Distillation")
+        self.epoch, self.temperature, self.alpha = args.epoch, args.temperature, args.alpha
+        self._saved: dict[str, torch.Tensor] | None = None  # the teacher's weights, from a resumed checkpoint
+
+    def check(self, model: nn.Module, max_epochs: int) -> dict[str, int]:
+        """Checks ``epoch`` against the run before anything trains; no layer is targeted (returns ``{}``).
+
+        Raises:
+            ValueError: ``epoch`` outside ``0..max_epochs - 1``.
+        """
+        if not 0 <= self.epoch < max_epochs:
+            raise ValueError(f"epoch {self.epoch} is outside the run's epochs 0..{max_epochs - 1} "
+                             f"(trainer.max_epochs={max_epochs})")
+        return {}
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
+        if pl_module.teacher is not None or trainer.current_epoch < self.epoch:
+            return
+        teacher = copy.deepcopy(pl_module.model)
+        if self._saved is not None:  # resumed after the teacher was taken: the same teacher again
+            teacher.load_state_dict(self._saved)
+        else:
+            log.info(f"Distillation: the network at epoch {trainer.current_epoch} is the teacher from now on "
+                     f"(T={self.temperature}, alpha={self.alpha})")
+        pl_module.teacher = Teacher(teacher.eval().requires_grad_(False), self.temperature, self.alpha)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
+        self._lit = pl_module  # state_dict() is called without it
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # In every checkpoint once the teacher exists: a resume must not take the resumed network instead.
+        lit = getattr(self, "_lit", None)
+        if lit is None or lit.teacher is None:
+            return {}
+        return {"teacher": lit.teacher.model.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = state_dict.get("teacher")
