@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     enc.add_argument("--codec", choices=list(CODECS), default=None,
                      help="entropy coder: 'huffman' (the paper's) or 'range' (smaller; beyond the paper) "
                           "(default: the checkpoint's config's export.codec)")
+    enc.add_argument("--raw-dtype", choices=["float32", "float16"], default=None,
+                     help="storage of the unpruned tensors (biases...): float16 halves them, lossy for them alone "
+                          "(default: the checkpoint's config's export.raw_dtype)")
     info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
     info.add_argument("file", help="a .dcz file")
     bench = sub.add_parser("bench", help="dense vs sparse latency of a .dcz file's model on this machine")
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stored = stored_export(args.checkpoint)  # also validates the checkpoint's config
             bits = args.index_bits if args.index_bits is not None else stored.index_bits
-            out, report = encode_checkpoint(args.checkpoint, args.out, bits, args.codec or stored.codec)
+            out, report = encode_checkpoint(args.checkpoint, args.out, bits, args.codec or stored.codec,
+                                            args.raw_dtype or stored.raw_dtype)
             print(to_markdown(report, f"Compression report: {out}"))
     except (CheckpointError, ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

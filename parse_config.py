@@ -24,7 +24,7 @@ from typing_extensions import Self
 
 from compression.atomic import atomic_write_text
 from compression.layers import LayerType
-from compression.model_codec import CODECS, DEFAULT_CODEC
+from compression.model_codec import CODECS, DEFAULT_CODEC, RAW_STORAGE
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS
 from data import DATAMODULES
 from models import MODELS
@@ -153,6 +153,9 @@ class ExportConfig(_Strict):
     # Entropy coder of the pruned / quantized tensors: "huffman" (the paper's) or "range" (beyond the paper:
     # adaptive range coding, a smaller file; index_bits then only sets the report's P / P+Q accounting).
     codec: Literal[tuple(CODECS)] = DEFAULT_CODEC  # type: ignore[valid-type]
+    # Storage of the tensors left unpruned (biases, BatchNorm statistics): "float32", or "float16" (beyond the
+    # paper, half their bytes, lossy for them alone: the error reported is the file's).
+    raw_dtype: Literal[tuple(RAW_STORAGE)] = "float32"  # type: ignore[valid-type]
 
     @field_validator("index_bits")
     @classmethod

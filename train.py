@@ -23,11 +23,10 @@ from torch import nn
 from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
                       load_weights, make_evaluator, pipeline_stages)
 from compression.atomic import atomic_write_text
-from compression.model_file import IndexBits
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
-from parse_config import (Config, ConfigError, add_override_args, load_config, make_run_dir, overrides_from_args,
-                          write_config)
+from parse_config import (Config, ConfigError, ExportConfig, add_override_args, load_config, make_run_dir,
+                          overrides_from_args, write_config)
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.export import encode_checkpoint, read_compressed
 from utils import CheckpointError, check_checkpoint_file, count_parameters, load_checkpoint
@@ -122,18 +121,19 @@ def train(args: argparse.Namespace) -> int:
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
     compressed = bool(lit_model.masks) or bool(lit_model.compression.index)  # not merely codebooks set up
     if cfg.export.enabled and compressed and trainer.is_global_zero:
-        report = export(trainer, run_dir, cfg.export.index_bits)
+        report = export(trainer, run_dir, cfg.export)
         summary = summarize(cfg, run_dir, report, stages, time.monotonic() - started)
         print(format_summary(summary))
     return 0
 
 
-def export(trainer: pl.Trainer, run_dir: Path, index_bits: IndexBits) -> dict[str, Any]:
+def export(trainer: pl.Trainer, run_dir: Path, options: ExportConfig) -> dict[str, Any]:
     """Writes model.dcz and compression_report.{md,json} for the best checkpoint (else the last one)."""
     log = get_logger("train")
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     source = Path(best_path) if best_path and Path(best_path).is_file() else run_dir / "last.ckpt"
-    out, report = encode_checkpoint(source, run_dir / "model.dcz", index_bits)
+    out, report = encode_checkpoint(source, run_dir / "model.dcz", options.index_bits, options.codec,
+                                    options.raw_dtype)
     f, t = report["file"], report["paper_total"]
     log.info(f"wrote {out} from {source.name}: {f['bytes']:,} bytes, {f['rate']:.1f}x smaller than the dense "
              f"float32 parameters ({f['dense_float32_bytes']:,} bytes); paper's accounting P+Q {t['rate_pq']:.1f}x, "

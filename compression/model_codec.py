@@ -45,13 +45,27 @@ RAW_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "float16":
               "int64": np.dtype("<i8"), "int32": np.dtype("<i4")}
 
 
-def _raw_entry(name: str, tensor: torch.Tensor) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
+RAW_STORAGE = ("float32", "float16")  # export.raw_dtype: how float32 raw tensors are stored
+F16_MAX = 65504.0  # the largest finite float16: a tensor beyond it stays float32
+
+
+def _raw_entry(name: str, tensor: torch.Tensor, raw_dtype: str = "float32"
+               ) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in RAW_DTYPES:
         raise ValueError(f"{name}: dtype {dtype} cannot be stored; supported: {', '.join(RAW_DTYPES)}")
-    data = tensor.detach().cpu().contiguous().numpy().astype(RAW_DTYPES[dtype]).tobytes()
+    if raw_dtype not in RAW_STORAGE:
+        raise ValueError(f"{name}: raw_dtype must be one of {', '.join(RAW_STORAGE)}, got {raw_dtype!r}")
+    values = tensor.detach().cpu().contiguous().numpy()
     entry = {"name": name, "shape": list(tensor.shape), "dtype": dtype, "encoding": "raw"}
-    bits = 8 * RAW_DTYPES[dtype].itemsize
+    stored = dtype
+    # Beyond the paper, lossy for these tensors only: float32 biases (and BatchNorm statistics, layers left
+    # dense) in half the bytes. The decoder widens them back to float32; the error measured on the file is
+    # the rounded model's. A tensor with values float16 cannot hold keeps its float32 bytes.
+    if raw_dtype == "float16" and dtype == "float32" and (not values.size or abs(values).max() <= F16_MAX):
+        stored = entry["stored"] = "float16"
+    data = values.astype(RAW_DTYPES[stored]).tobytes()
+    bits = 8 * RAW_DTYPES[stored].itemsize
     stats = TensorStats(name, "raw", tensor.numel(), int(torch.count_nonzero(tensor)),
                         weight_bits=bits, weight_bits_huffman=bits, bytes=len(data))
     return entry, [(f"{name}:raw", data)], stats
@@ -68,8 +82,8 @@ def _stream(symbols: np.ndarray, alphabet: int) -> tuple[bytes, float, float, in
 
 def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None,
                   codebook: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                  index_bits: int | str = DEFAULT_INDEX_BITS, codec: str = DEFAULT_CODEC
-                  ) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
+                  index_bits: int | str = DEFAULT_INDEX_BITS, codec: str = DEFAULT_CODEC,
+                  raw_dtype: str = "float32") -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
     """Encodes one tensor: ``raw`` without a mask, ``sparse`` with a mask, ``quantized`` with a codebook too.
 
     Args:
@@ -81,6 +95,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
             ``codec="range"`` codes positions without relative indices: there the width (or ``"auto"``: the
             one with the smallest fixed-width size) only sets the report's P and P+Q accounting.
         codec: Entropy coder of the streams, one of ``CODECS`` (``"huffman"``: the paper's).
+        raw_dtype: ``"float16"``: a float32 tensor without a mask is stored rounded to float16 (lossy).
 
     Returns:
         (header entry, sections, stats).
@@ -91,7 +106,7 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
     if codec not in CODECS:
         raise ValueError(f"{name}: unknown codec {codec!r}; choose one of {', '.join(map(repr, CODECS))}")
     if mask is None:
-        return _raw_entry(name, tensor)
+        return _raw_entry(name, tensor, raw_dtype)
     if tensor.dtype != torch.float32:
         raise ValueError(f"{name}: only float32 tensors can be stored sparse, got {tensor.dtype}")
     mask = mask.detach().cpu().to(torch.bool)
@@ -150,10 +165,14 @@ def decode_tensor(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Te
     numel = numel_of(entry)
     if encoding == "raw":
         dtype = RAW_DTYPES.get(entry.get("dtype", ""))
+        stored = entry.get("stored", entry.get("dtype"))
+        if stored != entry.get("dtype") and (stored, entry.get("dtype")) != ("float16", "float32"):
+            raise ValueError(f"{name}: a {entry.get('dtype')!r} tensor cannot be stored as {str(stored)[:20]!r}")
         data = section_of(entry, sections, "raw")
-        if dtype is None or len(data) != numel * dtype.itemsize:
-            raise ValueError(f"{name}: raw section has {len(data)} bytes, header says {numel} x {entry.get('dtype')}")
-        return torch.from_numpy(np.frombuffer(data, dtype).astype(dtype.newbyteorder("="))).reshape(entry["shape"])
+        disk = RAW_DTYPES.get(stored) if isinstance(stored, str) else None
+        if dtype is None or disk is None or len(data) != numel * disk.itemsize:
+            raise ValueError(f"{name}: raw section has {len(data)} bytes, header says {numel} x {stored}")
+        return torch.from_numpy(np.frombuffer(data, disk).astype(dtype.newbyteorder("="))).reshape(entry["shape"])
     positions, entry_values = decode_entries(entry, sections)
     out = np.zeros(numel, np.float32)
     out[positions] = entry_values

@@ -60,7 +60,8 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
                     masks: Mapping[str, torch.Tensor] | None = None,
                     codebooks: Mapping[str, torch.Tensor] | None = None,
                     indices: Mapping[str, torch.Tensor] | None = None, index_bits: IndexBits = DEFAULT_INDEX_BITS,
-                    metadata: dict[str, Any] | None = None, codec: str = DEFAULT_CODEC) -> dict[str, Any]:
+                    metadata: dict[str, Any] | None = None, codec: str = DEFAULT_CODEC,
+                    raw_dtype: str = "float32") -> dict[str, Any]:
     """Writes ``model`` as a ``.dcz`` file (atomically) and returns the compression report.
 
     Args:
@@ -75,6 +76,9 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
         codec: Entropy coder of the pruned / quantized tensors: ``"huffman"`` (the paper's; files as before
             this option existed) or ``"range"`` (``compression.range_codec``: smaller, ``index_bits`` then only
             sets the report's P / P+Q accounting). Recorded per tensor in the header.
+        raw_dtype: ``"float16"`` stores the float32 tensors without a mask (biases, BatchNorm statistics,
+            layers left dense) rounded to float16, half the bytes (lossy for those tensors only; recorded as
+            ``"stored": "float16"``, widened back to float32 by the reader).
 
     Returns:
         The report (``compression.report.build_report``) measured on the written file.
@@ -93,9 +97,10 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
         bits = index_bits_for(index_bits, layer_type(model, name))
         args = (name, tensor, masks.get(name), codebooks.get(name), indices.get(name))
         if bits == "auto" and codec == "huffman":  # beyond the paper: the width of the smallest coded size
-            entry, parts, stat = min((encode_tensor(*args, b) for b in AUTO_INDEX_BITS), key=lambda e: e[2].bytes)
+            entry, parts, stat = min((encode_tensor(*args, b, raw_dtype=raw_dtype) for b in AUTO_INDEX_BITS),
+                                     key=lambda e: e[2].bytes)
         else:
-            entry, parts, stat = encode_tensor(*args, bits, codec=codec)
+            entry, parts, stat = encode_tensor(*args, bits, codec=codec, raw_dtype=raw_dtype)
         entries.append(entry)
         sections += parts
         stats.append(stat)

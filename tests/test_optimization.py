@@ -165,3 +165,25 @@ def test_checkpoint_from_automatic_optimization_resumes_with_its_step_count(tmp_
     assert train.main(["-r", str(run_dir / "last.ckpt"), "--set", "trainer.max_epochs=2"]) == 0
     resumed = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 16  # continued from 8, not from 0
+
+
+def test_cosine_cycles_anneal_each_cycle_from_its_own_peak() -> None:
+    from trainer.optim import CosineCycles
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    scheduler = CosineCycles(optimizer, cycles=[3, 2], peaks=[1.0, 0.4])
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # cycle 1: 0.05 * (1 + cos(pi t / 3)) / 2 for t = 0, 1, 2; cycle 2 from 0.4 * 0.05; then 0
+    assert rates == pytest.approx([0.05, 0.0375, 0.0125, 0.02, 0.01, 0.0])
+    again = CosineCycles(torch.optim.SGD(params, lr=0.05), cycles=[3, 2], peaks=[1.0, 0.4])
+    again.load_state_dict(scheduler.state_dict())  # a resumed run continues where it stopped
+    assert again.last_epoch == 6 and again.get_last_lr() == pytest.approx([0.0])
+    with pytest.raises(ValueError, match=r"peaks must be 2 numbers >= 0 \(one per cycle\), got \[1\.0\]"):
+        CosineCycles(optimizer, cycles=[3, 2], peaks=[1.0])
+    with pytest.raises(ValueError, match="cycles must be a non-empty list of epoch counts >= 1"):
+        CosineCycles(optimizer, cycles=[])

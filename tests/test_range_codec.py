@@ -307,3 +307,42 @@ def test_config_names_the_allowed_codecs(tmp_path: Path) -> None:
     cfg["export"] = {"codec": "arithmetic"}
     with pytest.raises(ConfigError, match="export.codec: must be one of 'huffman' or 'range'"):
         parse_config(cfg)
+
+
+def test_raw_float16_halves_the_unpruned_tensors_and_decodes_to_their_rounding(tmp_path: Path) -> None:
+    from compression.model_codec import decode_tensor, encode_tensor
+
+    bias = torch.tensor([0.1, -2.5, 3.0e-5, 1234.567])
+    entry, sections, stats = encode_tensor("fc1.bias", bias, raw_dtype="float16")
+    assert entry["stored"] == "float16" and len(sections[0][1]) == 2 * 4 and stats.weight_bits == 16
+    assert torch.equal(decode_tensor(entry, dict(sections)), bias.half().float())
+    big = torch.tensor([1.0, 70000.0])  # beyond float16's range: stays float32, exact
+    entry, sections, _ = encode_tensor("b", big, raw_dtype="float16")
+    assert "stored" not in entry and torch.equal(decode_tensor(entry, dict(sections)), big)
+    entry, sections, _ = encode_tensor("fc1.bias", bias, raw_dtype="float16")
+    with pytest.raises(ValueError, match=r"raw section has 8 bytes, header says 4 x float32"):
+        decode_tensor({**entry, "stored": "float32"}, dict(sections))
+    with pytest.raises(ValueError, match=r"a 'float32' tensor cannot be stored as 'int8'"):
+        decode_tensor({**entry, "stored": "int8"}, dict(sections))
+    with pytest.raises(ValueError, match="raw_dtype must be one of float32, float16, got 'bfloat16'"):
+        encode_tensor("b", bias, raw_dtype="bfloat16")
+
+
+def test_a_whole_model_with_float16_biases(tmp_path: Path) -> None:
+    from compression.model_file import read_compressed, save_compressed
+    from helpers import compress_like_the_paper
+    from models import MODELS
+
+    torch.manual_seed(0)
+    model = MODELS["LeNet300"](num_classes=10)
+    state = compress_like_the_paper(model, keep=0.1, bits=4)
+    sizes = {}
+    for raw in ("float32", "float16"):
+        save_compressed(model, tmp_path / f"{raw}.dcz", arch={"type": "LeNet300", "args": {"num_classes": 10}},
+                        raw_dtype=raw, codec="range", **state)
+        sizes[raw] = (tmp_path / f"{raw}.dcz").stat().st_size
+        decoded, _ = read_compressed(tmp_path / f"{raw}.dcz", MODELS)
+        for name, value in model.state_dict().items():
+            expected = value.half().float() if raw == "float16" and name.endswith("bias") else value
+            assert torch.equal(decoded.state_dict()[name], expected), (raw, name)
+    assert sizes["float32"] - sizes["float16"] >= 2 * 410 - 16  # 410 biases, 2 bytes each saved

@@ -75,7 +75,7 @@ def file_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits: IndexBits,
-                      codec: str | None = None) -> tuple[Path, dict]:
+                      codec: str | None = None, raw_dtype: str | None = None) -> tuple[Path, dict]:
     """Writes ``model.dcz``, ``compression_report.md`` and ``.json`` for a (pruned / quantized) checkpoint.
 
     Args:
@@ -84,6 +84,8 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits:
         index_bits: Relative-index width (``export.index_bits`` of the config: a number, ``"auto"`` or by type).
         codec: Entropy coder (``export.codec``: ``"huffman"``, the paper's, or ``"range"``); None: the one the
             checkpoint's own config names (a config written before the option existed: ``"huffman"``).
+        raw_dtype: ``export.raw_dtype`` (``"float32"``, or ``"float16"``: unmasked tensors rounded, half the
+            bytes); None: the checkpoint's own config's (``"float32"`` before the option existed).
 
     Returns:
         (path of the .dcz file, report).
@@ -109,14 +111,17 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits:
     except RuntimeError as err:
         raise ValueError(f"{ckpt_path} does not fit {arch['type']}: {str(err).splitlines()[0][:200]}") from None
     masks, codebooks, indices = CompressionState.tensors_of(ckpt)
+    stored = config.get("export") if isinstance(config.get("export"), dict) else {}
     if codec is None:  # the run's own choice; save_compressed refuses a name it does not know
-        stored = config.get("export")
-        codec = stored.get("codec", DEFAULT_CODEC) if isinstance(stored, dict) else DEFAULT_CODEC
+        codec = stored.get("codec", DEFAULT_CODEC)
+    if raw_dtype is None:
+        raw_dtype = stored.get("raw_dtype", "float32")
     out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         report = save_compressed(model, out, arch=arch, masks=masks, codebooks=codebooks, indices=indices,
-                                 index_bits=index_bits, metadata=file_metadata(config), codec=codec)
+                                 index_bits=index_bits, metadata=file_metadata(config), codec=codec,
+                                 raw_dtype=raw_dtype)
     report["source"] = {"checkpoint": str(ckpt_path), "file": str(out)}
     atomic_write_text(out.with_name("compression_report.md"), to_markdown(report, f"Compression report: {out.name}"))
     atomic_write_text(out.with_name("compression_report.json"), json.dumps(report, indent=2) + "\n")
