@@ -8,6 +8,7 @@ check that the file alone gives the error the run reported.
 
     python benchmarks/reproduce.py                                   # LeNet-300-100 and LeNet-5, Fashion-MNIST
     python benchmarks/reproduce.py --dataset mnist --data-dir /data/mnist
+    python benchmarks/reproduce.py --kinds pipeline,beyond         # also ours beyond the paper
     python benchmarks/reproduce.py --from-runs runs/reproduce/*/*    # tables from finished runs, no training
 
 Into ``--out``: ``<model>_<dataset>_<recipe>.json`` per run, ``table1.md`` (ours, then the paper's MNIST
@@ -36,6 +37,7 @@ from results_tables import PAPER_LABEL, ReproduceError, mismatch, plot, table1, 
 
 MODELS = ("lenet300", "lenet5")
 DATASETS = ("fashionmnist", "mnist")
+KINDS = ("pipeline", "beyond")  # the paper-faithful recipes, and ours beyond the paper (Fashion-MNIST only)
 REQUIRED = ("model", "dataset", "recipe", "dense_top1_err", "top1_err", "dcz_bytes", "dense_bytes", "rate", "wall_s")
 NUMBERS = REQUIRED[3:]  # dense_top1_err may be null: a recipe that prunes from epoch 0 has no dense stage
 EXTRA = ("rate_p", "rate_pq", "rate_pqh", "pruned_top1_err", "stages")
@@ -48,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=DATASETS, default="fashionmnist", help="dataset of the shipped recipes")
     parser.add_argument("--data-dir", default=None,
                         help="dataset folder for train.py and test.py (default: the recipe's, then the system's)")
+    parser.add_argument("--kinds", default="pipeline",
+                        help=f"comma-separated, of {', '.join(KINDS)}: configs/<model>_<dataset>_<kind>.json "
+                             "(pipeline: the paper-faithful recipes; beyond: ours beyond the paper)")
     parser.add_argument("--recipe", action="append", default=[], metavar="PATH",
                         help="run this config file instead of the shipped recipes (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -204,12 +209,15 @@ def row_file(row: dict[str, Any]) -> str:
 
 
 def recipes_to_run(args: argparse.Namespace) -> list[Path]:
-    """``--recipe`` files, else the shipped ``configs/<model>_<dataset>_pipeline.json``; all must exist."""
+    """``--recipe`` files, else the shipped ``configs/<model>_<dataset>_<kind>.json``; all must exist."""
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     if not args.recipe and (not models or any(m not in MODELS for m in models)):
         raise ReproduceError(f"--models {args.models!r}: expected a comma-separated list of {', '.join(MODELS)}")
+    kinds = [k.strip().lower() for k in args.kinds.split(",") if k.strip()]
+    if not args.recipe and (not kinds or any(k not in KINDS for k in kinds)):
+        raise ReproduceError(f"--kinds {args.kinds!r}: expected a comma-separated list of {', '.join(KINDS)}")
     recipes = ([Path(p).expanduser().resolve() for p in args.recipe]
-               or [ROOT / "configs" / f"{m}_{args.dataset}_pipeline.json" for m in models])
+               or [ROOT / "configs" / f"{m}_{args.dataset}_{k}.json" for k in kinds for m in models])
     for recipe in recipes:
         if not recipe.is_file():
             raise ReproduceError(f"recipe not found: {recipe}")

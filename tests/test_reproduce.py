@@ -113,6 +113,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["--from-runs", str(tmp_path / "no_summary")], "it has no summary.json"),
             (["--from-runs", str(tmp_path / "nowhere")], "run folder not found"),
             (["--models", "lenet300,alexnet"], "expected a comma-separated list of lenet300, lenet5"),
+            (["--kinds", "pipeline,best"], "expected a comma-separated list of pipeline, beyond"),
             (["--recipe", str(tmp_path / "broken.json"), "--from-runs", str(tmp_path)], "pick one"),
             (["--recipe", str(tmp_path / "broken.json"), "--set", "novalue"], "expected KEY=VALUE"),
             # train.py itself fails (its own message is quoted): a real subprocess
@@ -164,3 +165,12 @@ def test_end_to_end_tiny_recipe(tmp_path: Path, idx_dir: Path, capsys: pytest.Ca
     assert REQUIRED <= set(row) and row["dcz_top1_err"] == pytest.approx(row["top1_err"], abs=0.01)
     (run,) = (tmp_path / "runs" / "tiny").iterdir()
     assert row["dcz_bytes"] == (run / "model.dcz").stat().st_size
+
+
+@pytest.mark.parametrize(("kinds", "stems"), [("pipeline", ["lenet300_fashionmnist_pipeline"]),
+                                              ("pipeline,beyond", ["lenet300_fashionmnist_pipeline",
+                                                                   "lenet300_fashionmnist_beyond"])])
+def test_kinds_pick_the_shipped_recipes(kinds: str, stems: list[str]) -> None:
+    args = reproduce.get_args_parser().parse_args(["--models", "lenet300", "--kinds", kinds])
+    assert [p.stem for p in reproduce.recipes_to_run(args)] == stems
+    assert all(p.is_file() for p in reproduce.recipes_to_run(args))

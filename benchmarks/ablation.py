@@ -1,0 +1,232 @@
+"""What each beyond-the-paper technique buys, from one dense checkpoint: an ablation table and a rate-vs-error curve.
+
+    python benchmarks/ablation.py --model lenet300                       # trains the dense stage first
+    python benchmarks/ablation.py --model lenet5 --dense runs/.../dense.ckpt --scales 1.0
+
+The beyond recipe (``configs/<model>_fashionmnist_beyond.json``) is a dense cosine cycle followed by a
+compression cycle. Every row here runs that compression cycle (``train.py --weights DENSE``, the recipe's
+epochs shifted to start at 0: the same schedule, the same learning rates) from the *same* dense checkpoint,
+switching one technique on at a time:
+
+1. ``paper``: the paper-faithful recipe's keep ratios and bits (``*_pipeline.json``), Huffman coding;
+2. ``+ sparser, fewer bits``: the beyond recipe's keep ratios and bits, still Huffman, no teacher;
+3. ``+ distillation``: the dense model teaches the compressed one (``Distillation``);
+4. ``+ range codec``: row 3's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
+   same weights, so the same error, fewer bytes);
+5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
+   error is the file's, biases rounded): the beyond recipe as shipped.
+
+``--scales`` adds points to the curve: both recipes with every keep ratio times each scale (1.0 is the
+table's rows). Into ``--out``: ``ablation_<model>.md``, ``ablation_<model>.json``, ``rate_vs_error_<model>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce.py beside this file
+
+from reproduce import ROOT, ReproduceError, commit_id, last_error, path_override, train  # noqa: E402
+
+from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+MODELS = ("lenet300", "lenet5")
+COMPRESSION = ("Distillation", "IterativePruning", "Quantization")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Ablation of the beyond-the-paper techniques from one dense model.")
+    parser.add_argument("--model", choices=MODELS, default="lenet300", help="which LeNet (Fashion-MNIST)")
+    parser.add_argument("--dense", default=None, metavar="CKPT",
+                        help="dense checkpoint to start every row from (default: train the recipe's dense stage)")
+    parser.add_argument("--scales", default="1.0",
+                        help="keep-ratio multipliers of the curve's points, comma-separated (1.0: the table)")
+    parser.add_argument("--save-dir", default=str(ROOT / "runs" / "ablation"), help="where the runs go")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the tables go")
+    return parser
+
+
+def read_recipe(model: str, kind: str) -> dict[str, Any]:
+    return json.loads((ROOT / "configs" / f"{model}_fashionmnist_{kind}.json").read_text())
+
+
+def first_compression_epoch(cfg: dict[str, Any]) -> int:
+    cbs = cfg["trainer"]["callbacks"]
+    return min([cbs["IterativePruning"]["start_epoch"], cbs["Quantization"]["epoch"]]
+               + ([cbs["Distillation"]["epoch"]] if "Distillation" in cbs else []))
+
+
+def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
+                      distill: bool, codec: str) -> dict[str, Any]:
+    """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets."""
+    cfg = copy.deepcopy(beyond)
+    shift = first_compression_epoch(cfg)
+    cbs = cfg["trainer"]["callbacks"]
+    cbs["IterativePruning"].update(keep_ratio=keep, start_epoch=cbs["IterativePruning"]["start_epoch"] - shift,
+                                   end_epoch=cbs["IterativePruning"]["end_epoch"] - shift)
+    cbs["Quantization"].update(bits=bits, epoch=cbs["Quantization"]["epoch"] - shift)
+    if distill:
+        cbs["Distillation"]["epoch"] -= shift
+    else:
+        cbs.pop("Distillation", None)
+    cfg["trainer"]["max_epochs"] -= shift
+    cfg.update(name=name, pretrained=str(dense))
+    cfg["export"].update(codec=codec, raw_dtype="float32")
+    return cfg
+
+
+def train_dense(beyond: dict[str, Any], save_dir: Path) -> Path:
+    """Trains the beyond recipe's dense stage alone; returns its last checkpoint (what ``dense.ckpt`` holds)."""
+    cfg = copy.deepcopy(beyond)
+    cfg.update(name=f"{beyond['name']}_dense")
+    cfg["trainer"].update(max_epochs=first_compression_epoch(beyond), callbacks={})
+    path = save_dir / f"{cfg['name']}.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    before = set(save_dir.glob(f"{cfg['name']}/*"))
+    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(path)] + path_override("trainer.save_dir", save_dir)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    new = sorted(set(save_dir.glob(f"{cfg['name']}/*")) - before)
+    if proc.returncode != 0 or len(new) != 1:
+        raise ReproduceError(f"dense training failed (exit {proc.returncode}): {last_error(proc.stdout + proc.stderr)}")
+    return new[0] / "last.ckpt"
+
+
+def run_row(cfg: dict[str, Any], save_dir: Path) -> dict[str, Any]:
+    path = save_dir / f"{cfg['name']}.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    run = train(path, ["trainer.progress_bar=none"], save_dir, None)
+    return {**json.loads((run / "summary.json").read_text()), "run_dir": str(run)}
+
+
+def recode(row: dict[str, Any], name: str, raw_dtype: str) -> dict[str, Any]:
+    """Row ``row``'s best checkpoint encoded with the range codec, evaluated by test.py (the file alone)."""
+    run = Path(row["run_dir"])
+    out = run / f"model_range_{raw_dtype}.dcz"
+    cmds = [[sys.executable, str(ROOT / "dcz.py"), "encode", str(run / "best.ckpt"), "--out", str(out), "--codec",
+             "range", "--raw-dtype", raw_dtype], [sys.executable, str(ROOT / "test.py"), "-r", str(out), "--json"]]
+    results = [subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True) for cmd in cmds]
+    for cmd, proc in zip(cmds, results):
+        if proc.returncode != 0:
+            raise ReproduceError(f"{shlex.join(cmd[1:3])} failed: {last_error(proc.stdout + proc.stderr)}")
+    err = json.loads(results[1].stdout.strip().splitlines()[-1])["top1_err"]
+    size = out.stat().st_size
+    return {**row, "recipe": name, "top1_err": err, "dcz_bytes": size, "rate": row["dense_bytes"] / size,
+            "run_dir": str(run), "file": out.name, "codec": "range", "raw_dtype": raw_dtype}
+
+
+def scaled(keep: dict[str, float], scale: float) -> dict[str, float]:
+    return {k: round(min(1.0, v * scale), 4) for k, v in keep.items()}
+
+
+def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str, command: str) -> str:
+    lines = [f"# Ablation: {model} on Fashion-MNIST, every row from the same dense checkpoint", "",
+             f"`{command}` at commit `{commit}`. Dense top-1 error {dense_err:.2f} % (test split); each row is the "
+             "beyond recipe's compression cycle with the techniques named switched on, its `model.dcz` "
+             "measured on disk and evaluated by `test.py`.", "",
+             "| row | keep ratios | bits | codec | teacher | biases | file bytes | rate | top-1 error | vs dense |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        keep = " / ".join(f"{k} {100 * v:g}%" for k, v in r["keep"].items())
+        bits = " / ".join(f"{k} {v}" for k, v in r["bits"].items())
+        lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {'yes' if r['distill'] else 'no'} | "
+                     f"{r.get('raw_dtype', 'float32')} | "
+                     f"{r['dcz_bytes']:,} | **{r['rate']:.1f}×** | {r['top1_err']:.2f} % | "
+                     f"{r['top1_err'] - dense_err:+.2f} pt |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(model: str, dense_err: float, points: dict[str, list[tuple[float, float]]]) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    for label, marker in (("paper-faithful (Han 2016)", "o"), ("ours, beyond the paper", "s")):
+        pts = sorted(points.get(label, []))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+    ax.axhline(dense_err, color="grey", linestyle="--", label=f"dense ({dense_err:.2f} %)")
+    ax.axhline(dense_err + (0.5 if model == "lenet300" else 0.3), color="grey", linestyle=":", label="error budget")
+    ax.set(xscale="log", xlabel="compression rate (dense float32 bytes / model.dcz bytes)",
+           ylabel="top-1 test error (%)", title=f"{model}, Fashion-MNIST: rate vs error")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict[str, list[tuple[float, float]]]]:
+    scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    if not scales or any(s <= 0 for s in scales):
+        raise ReproduceError(f"--scales {args.scales!r}: expected positive numbers, e.g. 1.0,0.7")
+    save_dir = Path(args.save_dir).expanduser().resolve()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    beyond, paper = read_recipe(args.model, "beyond"), read_recipe(args.model, "pipeline")
+    dense = Path(args.dense).expanduser().resolve() if args.dense else train_dense(beyond, save_dir)
+    if not dense.is_file():
+        raise ReproduceError(f"--dense {dense}: no such checkpoint")
+    ours_keep = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
+    ours_bits = beyond["trainer"]["callbacks"]["Quantization"]["bits"]
+    paper_keep = paper["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
+    paper_bits = paper["trainer"]["callbacks"]["Quantization"]["bits"]
+    variants = [("paper", paper_keep, paper_bits, False), ("+ sparser, fewer bits", ours_keep, ours_bits, False),
+                ("+ distillation", ours_keep, ours_bits, True)]
+    rows, points = [], {}
+    for scale in scales:
+        for i, (name, keep, bits, distill) in enumerate(variants):
+            if scale != 1.0 and i == 1:
+                continue  # the curve compares the two recipes; the middle row is the table's only
+            keep = scaled(keep, scale)
+            tag = f"{args.model}_ablation_{i + 1}" + ("" if scale == 1.0 else f"_x{scale:g}")
+            row = run_row(compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman"), save_dir)
+            row.update(recipe=name, keep=keep, bits=bits, distill=distill, codec="huffman", scale=scale)
+            if scale == 1.0:
+                rows.append(row)
+            if distill:  # the same checkpoint, range-coded, then float16 biases: the curve's point for ours
+                ranged = recode(row, "+ range codec", "float32")
+                row = recode(row, "+ float16 biases", "float16")
+                rows += [ranged, row] if scale == 1.0 else []
+            if i != 1:
+                label = "ours, beyond the paper" if distill else "paper-faithful (Han 2016)"
+                points.setdefault(label, []).append((row["rate"], row["top1_err"]))
+    dense_err = rows[0]["dense_top1_err"]
+    return dense_err, rows, points
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    commit, out = commit_id(), Path(args.out).expanduser().resolve()
+    try:
+        dense_err, rows, points = collect(args)
+    except ReproduceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/ablation.py", *argv])
+    text = table(args.model, dense_err, rows, commit, command)
+    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "distill", "dcz_bytes", "rate", "top1_err", "dense_top1_err",
+            "dense_bytes", "wall_s", "run_dir")
+    data = {"model": args.model, "commit": commit, "command": command, "rows": [{k: r.get(k) for k in keys} for r in rows],
+            "curve": {k: [list(p) for p in sorted(v)] for k, v in points.items()}}
+    atomic_write_text(out / f"ablation_{args.model}.md", text)
+    atomic_write_text(out / f"ablation_{args.model}.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_bytes(out / f"rate_vs_error_{args.model}.png", plot(args.model, dense_err, points))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
