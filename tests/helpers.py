@@ -1,7 +1,8 @@
 """Test helpers shared by the test modules (imported as ``from helpers import ...``; fixtures live in conftest).
 
-Tiny MNIST-format datasets written as real idx files, a matching config, run-folder and checkpoint
-readers, script loading, and a callback that interrupts a fit like a killed job.
+Tiny MNIST-format datasets written as real idx files (and a tiny CIFAR-100 in torchvision's pickled form),
+a matching config, run-folder and checkpoint readers, script loading, and a callback that interrupts a fit
+like a killed job.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import importlib.util
 import json
 import struct
 import sys
+import zlib
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,3 +134,90 @@ def compress_like_the_paper(model: torch.nn.Module, keep: float, bits: int, seed
             p[mask] = cb[idx]
         masks[name], codebooks[name], indices[name] = mask, cb, idx
     return {"masks": masks, "codebooks": codebooks, "indices": indices}
+
+
+def write_cifar100(root: Path, monkeypatch: pytest.MonkeyPatch, n_train: int = 40, n_test: int = 10) -> Path:
+    """A tiny CIFAR-100 in torchvision's on-disk form, read by the real loader (``data.CIFAR100``).
+
+    Writes ``root/cifar-100-python/{train,test,meta}``: pickled dicts as the dataset ships them (``data``
+    (N, 3072) uint8 rows of R, G, B planes, ``fine_labels``, ``coarse_labels``, ``filenames``; ``meta`` with
+    ``fine_label_names``). torchvision checks each file's MD5 against the published archive's, which
+    generated files cannot match, so the expected MD5s are set to these files' (``monkeypatch``, undone after
+    the test); nothing else of the loader is replaced. Returns ``root`` (the ``data_dir``).
+    """
+    import hashlib
+    import pickle
+
+    from torchvision import datasets
+
+    from data import CIFAR100
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    md5 = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = [int(i % 100) for i in range(n)]
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        for row, label in zip(data, labels):
+            row[(label % 3) * 1024:(label % 3 + 1) * 1024] = 2 * label  # a colour cast per class
+        entry = {"filenames": [f"{split}_{i}.png" for i in range(n)], "batch_label": f"tiny {split}",
+                 "fine_labels": labels, "coarse_labels": [label // 5 for label in labels], "data": data}
+        (folder / split).write_bytes(pickle.dumps(entry))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": list(CIFAR100.classes),
+                                                "coarse_label_names": [f"superclass{i}" for i in range(20)]}))
+    for name in ("train", "test", "meta"):
+        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    monkeypatch.setattr(datasets.CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(datasets.CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(datasets.CIFAR100, "meta", {**datasets.CIFAR100.meta, "md5": md5["meta"]})
+    return root
+
+
+class RankDump(pl.Callback):
+    """Under DDP, gathers every rank's compression state and validation figures and writes them per rank.
+
+    After the compression callbacks' epoch-start hooks (add it after them): ``epoch<e>_start``, the masks,
+    codebooks, assignments and weights each rank holds once that epoch's pruning / clustering step has run;
+    ``epoch<e>_end``, the same after the epoch's updates; ``epoch<e>_val``, the ``val/*`` metrics each rank
+    logged and a CRC32 of each validation image it saw (which shard it got). Each is ``all_gather``ed, so every
+    rank's file ``<tag>_rank<r>.pt`` holds ``{"rank": r, "gathered": [what rank 0 had, what rank 1 had, ...]}``.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.val_samples: list[int] = []
+
+    @staticmethod
+    def _state(pl_module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
+        comp = pl_module.compression
+        return {"masks": {n: m.cpu().clone() for n, m in comp.masks.items()},
+                "codebooks": {n: c.detach().cpu().clone() for n, c in comp.codebooks.items()},
+                "index": {n: i.cpu().clone() for n, i in comp.index.items()},
+                "weights": {n: t.detach().cpu().clone() for n, t in pl_module.model.state_dict().items()}}
+
+    def _dump(self, trainer: pl.Trainer, tag: str, payload: Any) -> None:
+        gathered = [payload]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, payload)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"rank": trainer.global_rank, "gathered": gathered},
+                   self.out_dir / f"{tag}_rank{trainer.global_rank}.pt")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, f"epoch{trainer.current_epoch}_start", self._state(pl_module))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, f"epoch{trainer.current_epoch}_end", self._state(pl_module))
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.val_samples += [zlib.crc32(image.cpu().numpy().tobytes()) for image in batch[0]]
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        samples, self.val_samples = self.val_samples, []
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self._dump(trainer, f"epoch{trainer.current_epoch}_val", {"metrics": metrics, "samples": samples})

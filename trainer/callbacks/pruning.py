@@ -96,7 +96,8 @@ class IterativePruning(Callback):
         self.end_epoch, self.prune_every = args.end_epoch, args.prune_every
         self.reset_weights, self.adjust_dropout = args.reset_weights, args.adjust_dropout
         self.initial_state: dict[str, torch.Tensor] = {}  # for reset_weights
-        self.dropout_p: dict[str, float] = {}  # original rate of each adjusted dropout
+        self.dropout_p: dict[str, float] = {}  # original rate of each adjusted dropout (D_o)
+        self.dropout_adjusted: dict[str, float] = {}  # the rate it retrains with now (D_r), saved for inspection
         self.steps: list[int] = []
 
     # ------------------------------------------------------------------------------- validation
@@ -143,7 +144,7 @@ class IterativePruning(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if self.adjust_dropout and pl_module.masks:  # resumed: re-apply the adjusted dropout rates
-            adjust_dropout_(pl_module.model, pl_module.masks, self.dropout_p)
+            self._adjust_dropout(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
@@ -167,9 +168,19 @@ class IterativePruning(Callback):
                     param.copy_(self.initial_state[name].to(param.device))
         pl_module.set_masks(masks)
         if self.adjust_dropout:
-            adjust_dropout_(pl_module.model, masks, self.dropout_p)
+            self._adjust_dropout(pl_module)
         self._report(trainer, pl_module, before, step)
         reset_best(trainer)  # best.ckpt must come from after this step
+
+    def _adjust_dropout(self, pl_module: LitClassifier) -> None:
+        """Han 2015 §3.5 for every dropout feeding a pruned layer; records and logs the rates now in force."""
+        adjust_dropout_(pl_module.model, pl_module.masks, self.dropout_p)
+        modules = dict(pl_module.model.named_modules())
+        adjusted = {name: float(modules[name].p) for name in self.dropout_p}
+        for name, p in adjusted.items():
+            if self.dropout_adjusted.get(name) != p:
+                log.info(f"Dropout {name}: {self.dropout_p[name]:g} -> {p:.4g} (D_r = D_o * sqrt(C_ir / C_io))")
+        self.dropout_adjusted = adjusted
 
     def _report(self, trainer: pl.Trainer, pl_module: LitClassifier, before: dict[str, int], step: int) -> None:
         metrics, total_kept, total = {}, 0, 0
@@ -191,9 +202,11 @@ class IterativePruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initial_state": self.initial_state, "dropout_p": self.dropout_p}
+        return {"initial_state": self.initial_state, "dropout_p": self.dropout_p,
+                "dropout_adjusted": self.dropout_adjusted}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_state = state_dict.get("initial_state", {})
         self.dropout_p = state_dict.get("dropout_p", {})
+        self.dropout_adjusted = state_dict.get("dropout_adjusted", {})
