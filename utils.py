@@ -57,7 +57,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = check_checkpoint_file(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read when used, so what a caller drops (the optimizer state) never costs memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
         text = str(err).strip()
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
