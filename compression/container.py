@@ -107,6 +107,12 @@ def _write_body(f: BinaryIO, header: bytes, names: list[bytes], sections: list[t
     return written
 
 
+def framing_bytes(sections: list[tuple[str, bytes]]) -> int:
+    """Bytes of a file with these sections that are neither the header nor section data (fixed fields, names,
+    lengths, CRCs): ``file size - framing_bytes - data`` is the stored header's size."""
+    return _PREFIX.size + _COUNT.size + sum(1 + len(name.encode("utf-8")) + _SECTION.size for name, _ in sections)
+
+
 def write_container(path: str | os.PathLike, header: dict, sections: list[tuple[str, bytes]]) -> int:
     """Writes a ``.dcz`` file atomically: the file at ``path`` is either complete or untouched.
 

@@ -14,7 +14,6 @@ and builds the declared architecture on the meta device first to bound its size.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.container import MAGIC, ContainerError, read_container, write_container
+from compression.container import MAGIC, ContainerError, framing_bytes, read_container, write_container
 from compression.layers import layer_type
 from compression.model_codec import (CODECS, DEFAULT_CODEC, HUFFMAN, _int_field, decode_entries, decode_tensor,
                                      encode_tensor)
@@ -108,7 +107,7 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
               "sha256": payload_digest(sections)}
     size = write_container(path, header, sections)
     dense = sum(p.numel() for p in model.parameters())
-    header_bytes = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode())
+    header_bytes = size - framing_bytes(sections) - sum(len(data) for _, data in sections)  # as stored: deflated
     return build_report(stats, size, dense, header_bytes)
 
 

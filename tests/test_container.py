@@ -238,3 +238,9 @@ def test_layout_is_as_documented(tmp_path: Path) -> None:
                 + struct.pack("<I", 1) + b"\x01w" + struct.pack("<QI", 3, zlib.crc32(b"xyz", zlib.crc32(b"w")))
                 + b"xyz")
     assert data == expected
+
+
+def test_framing_bytes_and_the_stored_header_add_up_to_the_file(tmp_path: Path) -> None:
+    path, data = written(tmp_path)
+    (length,) = struct.unpack("<I", data[10:14])
+    assert len(data) == container.framing_bytes(SECTIONS) + length + sum(len(d) for _, d in SECTIONS)
