@@ -84,9 +84,11 @@ class SchedulerSpec(_Spec):
 class CallbacksConfig(_Strict):
     """``trainer.callbacks``: ``{name: arguments}``; the compression callbacks' arguments are typed."""
 
+    # Declaration order is hook order: the teacher is taken at the start of its epoch before that epoch's
+    # pruning step or clustering changes the network.
+    Distillation: DistillationArgs | None = None  # the dense network teaches the compressed one (beyond the paper)
     IterativePruning: PruningArgs | None = None  # pruning during (re)training (Han 2015)
     Quantization: QuantizationArgs | None = None  # trained quantization (Han 2016 §3)
-    Distillation: DistillationArgs | None = None  # the dense network teaches the compressed one (beyond the paper)
     ModelCheckpoint: dict[str, Any] | None = None  # Lightning's, with its own arguments (checked early)
     EarlyStopping: dict[str, Any] | None = None
     LearningRateMonitor: dict[str, Any] | None = None
@@ -96,7 +98,8 @@ class CallbacksConfig(_Strict):
         return {name: args for name, args in handler(self).items() if args is not None}
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
-        """(name, constructor arguments) of each configured callback, pruning before quantization."""
+        """(name, constructor arguments) of each configured callback: distillation, pruning, quantization, the
+        rest (the order their hooks run in, whatever the order in the JSON)."""
         return list(self.model_dump().items())
 
     def __contains__(self, name: str) -> bool:

@@ -49,16 +49,18 @@ def check_checkpoint_file(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Loads a Lightning checkpoint on the CPU without executing code (``weights_only=True``).
+
+    ``mmap=True``: tensors are read from the file when used, so what the caller drops (the optimizer state)
+    never costs memory; for callers done with the checkpoint before anything can rewrite the file (export).
 
     Raises:
         CheckpointError: missing file, unreadable file, or no ``state_dict`` inside.
     """
     path = check_checkpoint_file(path)
     try:
-        # mmap: tensors are read when used, so what a caller drops (the optimizer state) never costs memory
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
         text = str(err).strip()
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)

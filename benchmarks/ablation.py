@@ -77,6 +77,17 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     else:
         cbs.pop("Distillation", None)
     cfg["trainer"]["max_epochs"] -= shift
+    sched = cfg.get("lr_scheduler") or {}
+    if sched.get("type") == "CosineCycles":  # the row starts where the recipe's compression cycle starts
+        cycles, peaks = sched["args"]["cycles"], sched["args"].get("peaks") or [1.0] * len(sched["args"]["cycles"])
+        while shift and cycles and cycles[0] <= shift:
+            shift -= cycles[0]
+            cycles, peaks = cycles[1:], peaks[1:]
+        if shift or not cycles:
+            raise ReproduceError(f"{beyond['name']}: its compression does not start at a cycle boundary")
+        sched["args"].update(cycles=cycles, peaks=peaks)
+    elif sched:
+        raise ReproduceError(f"{beyond['name']}: ablation rows need a CosineCycles schedule, got {sched.get('type')}")
     cfg.update(name=name, pretrained=str(dense))
     cfg["export"].update(codec=codec, raw_dtype="float32")
     return cfg
@@ -169,8 +180,9 @@ def plot(model: str, dense_err: float, points: dict[str, list[tuple[float, float
 
 def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict[str, list[tuple[float, float]]]]:
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
-    if not scales or any(s <= 0 for s in scales):
-        raise ReproduceError(f"--scales {args.scales!r}: expected positive numbers, e.g. 1.0,0.7")
+    if 1.0 not in scales or any(s <= 0 for s in scales):
+        raise ReproduceError(f"--scales {args.scales!r}: expected positive numbers including 1.0 (the table's "
+                             "rows), e.g. 1.0,1.4")
     save_dir = Path(args.save_dir).expanduser().resolve()
     save_dir.mkdir(parents=True, exist_ok=True)
     beyond, paper = read_recipe(args.model, "beyond"), read_recipe(args.model, "pipeline")

@@ -39,6 +39,7 @@ MAGIC = b"\x89DCZ\r\n\x1a\n"
 FORMAT_VERSION = 2  # 1: plain JSON header; 2: the same JSON, raw-DEFLATE compressed
 MAX_PLAUSIBLE_VERSION = 64  # above this, a version field is corrupt rather than from a future release
 MAX_HEADER_BYTES = 16 << 20  # the header is a table of contents, not data
+HEADER_INFLATE_RATIO = 32  # a format-2 header may inflate to at most this many times its stored size
 MAX_NAME_BYTES = 255
 _PREFIX = struct.Struct("<8sHII")  # magic, version, header length, header CRC32
 _COUNT = struct.Struct("<I")
@@ -65,14 +66,18 @@ def _encode_header(header: dict) -> bytes:
 
 
 def _inflate_header(raw: bytes, path: str) -> bytes:
-    """The JSON bytes of a format-2 header, never more than ``MAX_HEADER_BYTES`` of them."""
+    """The JSON bytes of a format-2 header: at most ``HEADER_INFLATE_RATIO`` times the stored bytes (plus 64 KiB)
+    and ``MAX_HEADER_BYTES``, so a small file cannot become a large header (a JSON table of contents
+    deflates 2-4x; a 16 KB file of repeated ``{},`` would otherwise inflate to 16 MiB of objects)."""
+    limit = min(MAX_HEADER_BYTES, HEADER_INFLATE_RATIO * len(raw) + (64 << 10))
     inflate = zlib.decompressobj(-15)
     try:
-        data = inflate.decompress(raw, MAX_HEADER_BYTES)
+        data = inflate.decompress(raw, limit)
     except zlib.error as err:
         raise ContainerError(f"{path}: corrupt header: it does not inflate ({err})") from err
     if inflate.unconsumed_tail:
-        raise ContainerError(f"{path}: header inflates beyond the limit of {MAX_HEADER_BYTES} bytes")
+        raise ContainerError(f"{path}: header inflates beyond the limit of {limit} bytes "
+                             f"({len(raw)} stored)")
     if not inflate.eof or inflate.unused_data:
         raise ContainerError(f"{path}: corrupt header: its compressed stream is incomplete or followed by "
                              f"{len(inflate.unused_data)} stray bytes")

@@ -36,6 +36,7 @@ MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is n
 # is refused before anything is allocated. read_compressed(max_decoded_bytes=...) raises it for one call.
 MAX_DECODE_RATIO = 1000
 MIN_DECODE_CAP = 256 << 20
+RANGE_DECODE_BYTES = 24  # working memory of the range decoder per kept weight (positions, symbols, counts)
 SPARSE_MAX_DENSITY = 0.5  # sparse=True: a Linear keeping more than this fraction stays dense (CSR would lose)
 Architectures = Mapping[str, Callable[..., nn.Module]]  # arch type name -> constructor (models.MODELS)
 IndexBits = int | str | Mapping[str, int | str]  # one width, "auto", or {layer type: width or "auto"}
@@ -255,6 +256,10 @@ def _check_table(path: str | Path, header: dict[str, Any], meta: nn.Module, cap:
     if missing:
         raise CompressedFileError(f"{path}: tensors missing from the file: {', '.join(missing[:5])}")
     size = sum(t.numel() * t.element_size() for t in expected.values())
+    # A range-coded stream is decoded to its declared length before its CRC can refuse it: count the
+    # decoder's working arrays (~24 bytes per declared kept weight) against the cap too.
+    size += sum(RANGE_DECODE_BYTES * min(entry["kept"], math.prod(entry["shape"])) for entry in header["tensors"]
+                if entry.get("codec", HUFFMAN) != HUFFMAN and isinstance(entry.get("kept"), int) and entry["kept"] > 0)
     if size > cap:
         raise CompressedFileError(f"{path}: the model it declares takes {size:,} bytes, more than the {cap:,} "
                                   f"allowed for a file of this size (read_compressed(max_decoded_bytes=...) "

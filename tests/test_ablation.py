@@ -22,8 +22,9 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
         == (0, 16, 20)
     assert cbs["IterativePruning"]["keep_ratio"] == {"fc1": 0.1} and cfg["export"]["codec"] == "huffman"
     # the recipe's second cycle is the row's schedule: 0.4 x lr at the row's epoch 0
-    assert cfg["lr_scheduler"]["args"]["peaks"][1] == 0.4 and beyond["trainer"]["callbacks"]["IterativePruning"][
-        "start_epoch"] == 30  # the recipe itself is untouched
+    assert cfg["lr_scheduler"]["args"] == {"cycles": [30], "peaks": [0.4]}
+    assert beyond["lr_scheduler"]["args"]["cycles"] == [30, 30]  # the recipe itself is untouched
+    assert beyond["trainer"]["callbacks"]["IterativePruning"]["start_epoch"] == 30
     taught = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range")
     assert taught["trainer"]["callbacks"]["Distillation"]["epoch"] == 0
     parsed = parse_config({**taught, "pretrained": None})  # a valid config: stages dense-free, prune then quantize

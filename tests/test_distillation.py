@@ -16,6 +16,7 @@ from parse_config import ConfigError, parse_config
 from test_callbacks_trainer import fit, tiny_module
 from trainer.callbacks import Distillation, IterativePruning
 from trainer.callbacks.distillation import Teacher
+from trainer.lit_model import network_state
 
 CALLBACKS = {"IterativePruning": {"keep_ratio": 0.2, "start_epoch": 1},
              "Distillation": {"epoch": 1, "temperature": 3.0, "alpha": 0.7},
@@ -72,12 +73,22 @@ def test_resume_after_the_teacher_was_taken_equals_an_uninterrupted_run(tmp_path
         assert train.main(["-c", str(cut)]) == 0
     run = only_run(tmp_path / "cut")
     stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
-    assert set(stored["teacher"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"}
+    # The teacher is the dense stage's network, taken before the first pruning step of the same epoch.
+    dense = network_state(load_ckpt(run / "dense.ckpt"))
+    assert set(stored["teacher"]) == set(dense)
+    assert all(torch.equal(stored["teacher"][k], v) for k, v in dense.items())
     assert train.main(["-r", str(run / "last.ckpt")]) == 0
     a, b = load_ckpt(only_run(tmp_path / "whole") / "last.ckpt"), load_ckpt(run / "last.ckpt")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     assert (only_run(tmp_path / "whole") / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+
+
+def test_config_order_puts_the_teacher_before_pruning_whatever_the_json_order(tmp_path: Path, idx_dir: Path) -> None:
+    path = write_config(tmp_path, idx_dir, "order", dict(reversed(list(CALLBACKS.items()))), max_epochs=4)
+    cfg = parse_config(json.loads(path.read_text()))
+    names = [type(c).__name__ for c in builders.build_config_callbacks(cfg, builders.build_model(cfg))]
+    assert names == ["Distillation", "IterativePruning", "Quantization"]
 
 
 def test_config_checks_distillation_early(tmp_path: Path, idx_dir: Path) -> None:

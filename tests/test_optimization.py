@@ -183,6 +183,7 @@ def test_cosine_cycles_anneal_each_cycle_from_its_own_peak() -> None:
     again = CosineCycles(torch.optim.SGD(params, lr=0.05), cycles=[3, 2], peaks=[1.0, 0.4])
     again.load_state_dict(scheduler.state_dict())  # a resumed run continues where it stopped
     assert again.last_epoch == 6 and again.get_last_lr() == pytest.approx([0.0])
+    assert "cycles" not in scheduler.state_dict()  # the config says the cycles, also on resume
     with pytest.raises(ValueError, match=r"peaks must be 2 numbers >= 0 \(one per cycle\), got \[1\.0\]"):
         CosineCycles(optimizer, cycles=[3, 2], peaks=[1.0])
     with pytest.raises(ValueError, match="cycles must be a non-empty list of epoch counts >= 1"):

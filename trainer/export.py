@@ -93,7 +93,7 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, index_bits:
     Raises:
         CheckpointError: a missing or unreadable checkpoint. ValueError: one not written by train.py.
     """
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, mmap=True)  # the optimizer state is never read
     config = ckpt.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"{ckpt_path} holds no config: it was not written by train.py")

@@ -26,10 +26,14 @@ class CosineCycles(torch.optim.lr_scheduler.LambdaLR):
         peaks = [1.0] * len(cycles) if peaks is None else list(peaks)
         if not cycles or any(not isinstance(n, int) or n < 1 for n in cycles):
             raise ValueError(f"cycles must be a non-empty list of epoch counts >= 1, got {cycles!r}")
-        if len(peaks) != len(cycles) or any(p < 0 for p in peaks):
+        if len(peaks) != len(cycles) or not all(0 <= p < math.inf for p in peaks):
             raise ValueError(f"peaks must be {len(cycles)} numbers >= 0 (one per cycle), got {peaks!r}")
         self.cycles, self.peaks = list(cycles), peaks
         super().__init__(optimizer, self.factor, last_epoch)
+
+    def state_dict(self) -> dict:
+        # The cycles come from the config (a resume under an edited config follows the config, as it says).
+        return {k: v for k, v in super().state_dict().items() if k not in ("cycles", "peaks")}
 
     def factor(self, epoch: int) -> float:
         """The multiplier of the base rate at ``epoch``."""
