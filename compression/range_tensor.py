@@ -53,8 +53,12 @@ def range_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook
     # ``index_bits`` with their fillers, as the Huffman path would store them before coding.
     widths = AUTO_INDEX_BITS if index_bits == "auto" else [check_index_bits(index_bits)]
     skipped = np.diff(positions, prepend=-1) - 1  # zeros before each kept weight: (skipped >> b) fillers at b bits
-    stats.pq_entries, stats.index_bits = min(((kept + int((skipped >> b).sum()), b) for b in widths),
-                                             key=lambda e: e[0] * (stats.weight_bits + e[1]))
+    def layout(b: int) -> tuple[int, int, float]:  # (entries, index bits, weight bits) at width b
+        fill = int((skipped >> b).sum())  # as the Huffman path counts: a filler takes a symbol of its own
+        bits = float(max(1, math.ceil(math.log2(k + (fill > 0))))) if codebook is not None else stats.weight_bits
+        return kept + fill, b, bits
+
+    stats.pq_entries, stats.index_bits, stats.weight_bits = min(map(layout, widths), key=lambda e: e[0] * (e[1] + e[2]))
     stats.bytes = sum(len(data) for _, data in sections)
     return entry, sections, stats
 
