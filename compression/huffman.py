@@ -81,7 +81,7 @@ def entropy_bits(counts: np.ndarray) -> float:
     """Shannon bound on the coded size: ``-sum(c * log2(c / N))`` bits over present symbols."""
     c = _check_counts(counts)
     c = c[c > 0].astype(np.float64)
-    return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
+    return float((c * np.log2(c.sum() / c)).sum()) if c.size else 0.0  # log2(N / c) >= 0: never -0.0
 
 
 def _check_lengths(lengths: np.ndarray) -> None:

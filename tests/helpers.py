@@ -221,3 +221,59 @@ class RankDump(pl.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self._dump(trainer, f"epoch{trainer.current_epoch}_val", {"metrics": metrics, "samples": samples})
+
+
+# --------------------------------------------------------------------------- .dcz files edited by hand
+def dcz_parts(path: Path) -> tuple[dict[str, Any], list[list[Any]], bytes]:
+    """(header, section table ``[[name, length, CRC32], ...]``, the sections' data) of a format-3 ``.dcz``,
+    parsed independently of the reader (``compression.container`` documents the layout)."""
+    from compression.container import HEADER_DICTIONARY
+
+    data = path.read_bytes()
+    version, length = struct.unpack_from("<HI", data, 8)
+    assert version == 3, f"{path}: format {version}, these helpers edit format 3"
+    inflate = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY)
+    header, _, table = inflate.decompress(data[18:18 + length]).partition(b"\n")
+    return json.loads(header), json.loads(table), data[18 + length:]
+
+
+def write_dcz_parts(path: Path, header: dict[str, Any], table: list[list[Any]], body: bytes) -> None:
+    """Writes a format-3 file from its parts, with a correct header CRC (what a deliberate editor would do)."""
+    from compression.container import HEADER_DICTIONARY, MAGIC
+
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=HEADER_DICTIONARY)
+    raw = deflate.compress(json.dumps(header).encode() + b"\n" + json.dumps(table).encode()) + deflate.flush()
+    path.write_bytes(MAGIC + struct.pack("<HII", 3, len(raw), zlib.crc32(raw)) + raw + body)
+
+
+def rewrite_header(path: Path, change: Any) -> None:
+    """Edits the JSON header (``change(header)``) and recomputes its CRC."""
+    header, table, body = dcz_parts(path)
+    change(header)
+    write_dcz_parts(path, header, table, body)
+
+
+def sections_of(path: Path) -> dict[str, tuple[int, int]]:
+    """{name: (offset of its data in the file, length)} of a format-3 ``.dcz``."""
+    _, table, body = dcz_parts(path)
+    at, out = path.stat().st_size - len(body), {}
+    for name, length, _ in table:
+        out[name] = (at, length)
+        at += length
+    return out
+
+
+def fix_crcs(path: Path, digest: bool = True) -> None:
+    """Recomputes every section CRC (and, with ``digest``, the header's SHA-256): a file edited on purpose."""
+    from compression.model_file import payload_digest
+
+    header, table, body = dcz_parts(path)
+    at, pairs = 0, []
+    for item in table:
+        name, length, _ = item
+        item[2] = zlib.crc32(body[at:at + length])
+        pairs.append((name, body[at:at + length]))
+        at += length
+    if digest:
+        header["sha256"] = payload_digest(pairs)
+    write_dcz_parts(path, header, table, body)

@@ -23,23 +23,28 @@ def written(tmp_path: Path, header: dict = HEADER, sections: list = SECTIONS) ->
     return path, path.read_bytes()
 
 
-def deflate(data: bytes) -> bytes:
-    """Raw DEFLATE, as format 2 stores its header."""
-    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+def deflate(data: bytes, version: int = FORMAT_VERSION) -> bytes:
+    """Raw DEFLATE, as formats 2 and 3 store their header (3: with the format's preset dictionary)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, **({"zdict": container.HEADER_DICTIONARY} if version >= 3 else {}))
     return c.compress(data) + c.flush()
 
 
 def raw_file(tmp_path: Path, version: int = FORMAT_VERSION, header: bytes = b"{}", count: int = 0,
-             tail: bytes = b"", magic: bytes = MAGIC, packed: bytes | None = None) -> Path:
-    """A file laid out by hand, with a correct header CRC unless the test damages it afterwards; the JSON
-    ``header`` is deflated for format 2 (``packed``: the header field's bytes exactly as given)."""
+             tail: bytes = b"", magic: bytes = MAGIC, packed: bytes | None = None, table: bytes = b"[]") -> Path:
+    """A file laid out by hand, with a correct header CRC unless the test damages it afterwards.
+
+    Format 3: the JSON ``header``, a newline and ``table`` deflated, then ``tail`` (the sections' data).
+    Formats 1 and 2: ``header`` (deflated for 2), the section ``count``, then ``tail`` (framed sections).
+    ``packed``: the header field's bytes exactly as given."""
     path = tmp_path / "raw.dcz"
     if packed is not None:
         header = packed
-    elif version >= 2:
-        header = deflate(header)
-    path.write_bytes(struct.pack("<8sHII", magic, version, len(header), zlib.crc32(header)) + header
-                     + struct.pack("<I", count) + tail)
+    elif version >= 3:
+        header = deflate(header + b"\n" + table)
+    elif version == 2:
+        header = deflate(header, 2)
+    body = tail if version >= 3 else struct.pack("<I", count) + tail
+    path.write_bytes(struct.pack("<8sHII", magic, version, len(header), zlib.crc32(header)) + header + body)
     return path
 
 
@@ -111,15 +116,19 @@ def test_text_mode_mangling_is_caught_by_the_magic(tmp_path: Path) -> None:
 
 
 def test_future_version_asks_for_an_upgrade(tmp_path: Path) -> None:
-    with pytest.raises(ContainerError, match="newer version.*format 3, this one reads up to 2.*upgrade"):
+    with pytest.raises(ContainerError, match="newer version.*format 4, this one reads up to 3.*upgrade"):
         read_container(raw_file(tmp_path, version=FORMAT_VERSION + 1))
-    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..2"):
+    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..3"):
         read_container(raw_file(tmp_path, version=0))
 
 
-def test_format_1_files_with_a_plain_header_are_still_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_format_1_and_2_files_are_still_read(tmp_path: Path, version: int) -> None:
     text = json.dumps(HEADER).encode()
-    assert read_container(raw_file(tmp_path, version=1, header=text)) == (HEADER, [])
+    tail = b"".join(bytes([len(n)]) + n.encode() + struct.pack("<QI", len(d), zlib.crc32(d, zlib.crc32(n.encode())))
+                    + d for n, d in SECTIONS)
+    path = raw_file(tmp_path, version=version, header=text, count=len(SECTIONS), tail=tail)
+    assert read_container(path) == (HEADER, SECTIONS)
 
 
 def test_the_header_is_stored_deflated_and_smaller(tmp_path: Path) -> None:
@@ -127,6 +136,9 @@ def test_the_header_is_stored_deflated_and_smaller(tmp_path: Path) -> None:
     _, data = written(tmp_path, header, [])
     (length,) = struct.unpack("<I", data[10:14])
     assert length < len(json.dumps(header, separators=(",", ":"))) / 2
+    # The preset dictionary is what makes a LeNet's table of contents small; without it, 2-3x larger.
+    text = json.dumps(header, separators=(",", ":")).encode() + b"\n[]"
+    assert length == len(deflate(text)) and 2 * length < len(deflate(text, 2))
 
 
 @pytest.mark.parametrize(("packed", "match"), [
@@ -156,53 +168,77 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     (b"[" * 100_000 + b"]" * 100_000, "invalid header JSON: RecursionError"),  # nesting deeper than Python's stack
 ])
 def test_invalid_header_json(tmp_path: Path, header: bytes, match: str) -> None:
-    # format 1 (plain): the nesting bomb deflates 1000x, which format 2 refuses before parsing (tested below)
+    # format 1 (plain): the nesting bomb deflates 1000x, which formats 2/3 refuse before parsing (tested below)
     with pytest.raises(ContainerError, match=match):
         read_container(raw_file(tmp_path, version=1, header=header))
     if len(header) < 1000:
-        with pytest.raises(ContainerError, match=match):
-            read_container(raw_file(tmp_path, header=header))
+        for version in (2, 3):
+            with pytest.raises(ContainerError, match=match):
+                read_container(raw_file(tmp_path, version=version, header=header))
+
+
+@pytest.mark.parametrize(("table", "tail", "match"), [
+    (None, b"", "corrupt header: no section table after the JSON object"),
+    (b"[1,", b"", "invalid section table: JSONDecodeError"),
+    (b'{"a":1}', b"", "corrupt section table: expected a JSON list, got dict"),
+    (b'[["a",1]]', b"x", r"entry 0 is not \[name, length, CRC32\]"),
+    (b'[["a",-1,0]]', b"", r"entry 0 is not \[name, length, CRC32\]"),
+    (b'[["a",1.0,0]]', b"x", r"entry 0 is not \[name, length, CRC32\]"),
+    (b'[["a",true,0]]', b"x", r"entry 0 is not \[name, length, CRC32\]"),
+    (b'[["a",1,4294967296]]', b"x", r"entry 0 is not \[name, length, CRC32\]"),
+    (b'[["",0,0]]', b"", "section 0 name must be 1..255 bytes of UTF-8"),
+    (b'[["\\ud800",0,0]]', b"", "section 0 name must be 1..255 bytes of UTF-8"),
+    (b'[["a",0,0],["a",0,0]]', b"", r"duplicate section name 'a' \(section 1\)"),
+    (b'[["a",4611686018427387904,0]]', b"x", "truncated file: the section table declares 4611686018427387904 bytes"),
+    (b'[["a",1,0]]', b"xy", "1 bytes of trailing garbage"),
+    (b'[["a",2,0]]', b"xy", "CRC mismatch in section 0 'a' \\(2 bytes\\)"),
+])
+def test_a_bad_section_table_is_refused_before_any_data_is_read(tmp_path: Path, table: bytes | None, tail: bytes,
+                                                                 match: str) -> None:
+    path = raw_file(tmp_path, table=table or b"", tail=tail)
+    if table is None:
+        path = raw_file(tmp_path, packed=deflate(b"{}"))
+    with pytest.raises(ContainerError, match=match):
+        read_container(path)
 
 
 def test_huge_declared_lengths_are_rejected_before_reading(tmp_path: Path) -> None:
-    path = raw_file(tmp_path)
+    path = raw_file(tmp_path, version=2)
     data = bytearray(path.read_bytes())
     data[10:14] = struct.pack("<I", 0xFFFF_FFFF)  # header length 4 GiB in a 26-byte file
     path.write_bytes(bytes(data))
     with pytest.raises(ContainerError, match="header length 4294967295 exceeds the limit"):
         read_container(path)
     with pytest.raises(ContainerError, match="truncated.*4294967295 sections declared"):
-        read_container(raw_file(tmp_path, count=0xFFFF_FFFF))
+        read_container(raw_file(tmp_path, version=2, count=0xFFFF_FFFF))
     section = b"\x01a" + struct.pack("<QI", 1 << 62, 0)  # one section claiming 4 EiB of data
     with pytest.raises(ContainerError, match="truncated file: data of section 0 'a' needs 4611686018427387904"):
-        read_container(raw_file(tmp_path, count=1, tail=section))
+        read_container(raw_file(tmp_path, version=2, count=1, tail=section))
 
 
 @pytest.mark.parametrize(("tail", "match"), [
     (b"\x00" + struct.pack("<QI", 0, 0) + b"\x00", "section 0 has an empty name"),
     (b"\x01\xff" + struct.pack("<QI", 0, 0), "section 0 name is not UTF-8"),
 ])
-def test_bad_section_names(tmp_path: Path, tail: bytes, match: str) -> None:
+def test_bad_section_names_in_format_2(tmp_path: Path, tail: bytes, match: str) -> None:
     with pytest.raises(ContainerError, match=match):
-        read_container(raw_file(tmp_path, count=1, tail=tail))
+        read_container(raw_file(tmp_path, version=2, count=1, tail=tail))
 
 
-def test_duplicate_section_in_file(tmp_path: Path) -> None:
+def test_duplicate_section_in_a_format_2_file(tmp_path: Path) -> None:
     section = b"\x01a" + struct.pack("<QI", 0, zlib.crc32(b"a"))
     with pytest.raises(ContainerError, match="duplicate section name 'a' \\(section 1\\)"):
-        read_container(raw_file(tmp_path, count=2, tail=section * 2))
+        read_container(raw_file(tmp_path, version=2, count=2, tail=section * 2))
 
 
 def test_crash_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+    write_body = container._write_body
 
-    def crc_then_crash(data: bytes, start: int = 0) -> int:
-        calls.append(len(data))
-        if len(calls) > 3:  # header and first section done, second section half-way
-            raise OSError("disk full")
-        return zlib.crc32(data, start)
+    def write_then_crash(f: object, header: bytes, sections: list) -> int:
+        write_body(f, header, sections[:1])  # header and first section on disk, then the disk is full
+        raise OSError("disk full")
 
-    monkeypatch.setattr(container.zlib, "crc32", crc_then_crash)
+    monkeypatch.setattr(container, "_write_body", write_then_crash)
     with pytest.raises(OSError, match="disk full"):
         write_container(tmp_path / "model.dcz", HEADER, SECTIONS)
     assert os.listdir(tmp_path) == []
@@ -237,11 +273,9 @@ def test_write_rejects_bad_arguments(tmp_path: Path, header: object, sections: l
 
 
 def test_layout_is_as_documented(tmp_path: Path) -> None:
-    _, data = written(tmp_path, {"a": 1}, [("w", b"xyz")])
-    header = deflate(json.dumps({"a": 1}, separators=(",", ":")).encode())
-    expected = (MAGIC + struct.pack("<HII", FORMAT_VERSION, len(header), zlib.crc32(header)) + header
-                + struct.pack("<I", 1) + b"\x01w" + struct.pack("<QI", 3, zlib.crc32(b"xyz", zlib.crc32(b"w")))
-                + b"xyz")
+    _, data = written(tmp_path, {"a": 1}, [("w", b"xyz"), ("e", b"")])
+    header = deflate(b'{"a":1}\n[["w",3,%d],["e",0,0]]' % zlib.crc32(b"xyz"))
+    expected = MAGIC + struct.pack("<HII", FORMAT_VERSION, len(header), zlib.crc32(header)) + header + b"xyz"
     assert data == expected
 
 

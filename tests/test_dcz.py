@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compression.model_codec import decode_tensor, encode_tensor
-from helpers import compress_like_the_paper, load_script, tiny_config
+from helpers import compress_like_the_paper, load_script, sections_of, tiny_config
 import dcz
 from dcz import CompressedFileError, read_compressed, save_compressed
 from trainer.export import encode_checkpoint
@@ -164,22 +164,7 @@ def dcz_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def section_offsets(path: Path) -> list[tuple[str, int, int]]:
     """(name, data offset, data length) of every section, parsed independently of the reader."""
-    import struct
-
-    data = path.read_bytes()
-    header_len = struct.unpack_from("<I", data, 10)[0]
-    at = 18 + header_len
-    count = struct.unpack_from("<I", data, at)[0]
-    at += 4
-    out = []
-    for _ in range(count):
-        n = data[at]
-        name = data[at + 1:at + 1 + n].decode()
-        length = struct.unpack_from("<Q", data, at + 1 + n)[0]
-        start = at + 1 + n + 12
-        out.append((name, start, length))
-        at = start + length
-    return out
+    return [(name, start, length) for name, (start, length) in sections_of(path).items()]
 
 
 def test_every_corrupted_section_is_named(dcz_file: Path, tmp_path: Path,

@@ -8,7 +8,6 @@ import json
 import random
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from models import MODELS, LeNet300
 from trainer.export import read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
-from helpers import compress_like_the_paper, load_script, only_run, tiny_config
+from helpers import compress_like_the_paper, fix_crcs, load_script, only_run, rewrite_header, sections_of, tiny_config
 
 ARCH = {"type": "LeNet300", "args": {"num_classes": 10}}
 
@@ -38,21 +37,6 @@ def small_file(tmp_path: Path, codec: str = "huffman", **edit: Any) -> tuple[Pat
     path = tmp_path / "m.dcz"
     save_compressed(model, path, arch=ARCH, codec=codec, **state)
     return path, model
-
-
-def rewrite_header(path: Path, change: Any) -> None:
-    """Edits the JSON header and recomputes its CRC (what a deliberate editor would do); a format-2 header is
-    raw DEFLATE around the same JSON (``compression.container``)."""
-    data = path.read_bytes()
-    version, length = struct.unpack_from("<HI", data, 8)
-    raw = data[18:18 + length]
-    header = json.loads(zlib.decompress(raw, -15) if version >= 2 else raw)
-    change(header)
-    raw = json.dumps(header).encode()
-    if version >= 2:
-        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-        raw = deflate.compress(raw) + deflate.flush()
-    path.write_bytes(data[:10] + struct.pack("<II", len(raw), zlib.crc32(raw)) + raw + data[18 + length:])
 
 
 class Recorder(dict):
@@ -111,40 +95,13 @@ def test_non_finite_values_are_refused(tmp_path: Path, name: str) -> None:
         read_compressed(path)
 
 
-def sections_of(path: Path) -> dict[str, tuple[int, int]]:
-    """{name: (data offset, length)}, parsed independently of the reader."""
-    data = path.read_bytes()
-    at = 18 + struct.unpack_from("<I", data, 10)[0]
-    count, at = struct.unpack_from("<I", data, at)[0], at + 4
-    out = {}
-    for _ in range(count):
-        n = data[at]
-        name, length = data[at + 1:at + 1 + n].decode(), struct.unpack_from("<Q", data, at + 1 + n)[0]
-        out[name] = (at + 1 + n + 12, length)
-        at += 1 + n + 12 + length
-    return out
-
-
-def fix_crcs(path: Path) -> None:
-    """Recomputes every section CRC and the header's SHA-256: a file edited on purpose, not damaged."""
-    data = bytearray(path.read_bytes())
-    pairs = []
-    for name, (start, length) in sections_of(path).items():
-        raw = name.encode()
-        struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start:start + length]), zlib.crc32(raw)))
-        pairs.append((name, bytes(data[start:start + length])))
-    path.write_bytes(bytes(data))
-    rewrite_header(path, lambda h: h.update(sha256=payload_digest(pairs)))
-
-
 def test_section_edited_and_re_crcd_is_caught_by_the_digest(tmp_path: Path) -> None:
     path, _ = small_file(tmp_path)
     data = bytearray(path.read_bytes())
     start, length = sections_of(path)["fc1.weight:index"]
     data[start + length // 2] ^= 0x01
-    raw = b"fc1.weight:index"
-    struct.pack_into("<I", data, start - 4, zlib.crc32(bytes(data[start:start + length]), zlib.crc32(raw)))
     path.write_bytes(bytes(data))
+    fix_crcs(path, digest=False)  # the section's CRC matches its new bytes; the SHA-256 does not
     with pytest.raises(CompressedFileError, match="do not match the header's SHA-256"):
         read_compressed(path)
 

@@ -256,7 +256,7 @@ def test_header_fields_are_checked(range_tensor: tuple[dict, dict], field: str, 
 
 
 def test_a_file_with_an_unknown_codec_names_the_tensor(tmp_path: Path) -> None:
-    from test_hostile_files import rewrite_header
+    from helpers import rewrite_header
 
     torch.manual_seed(0)
     model = LeNet300()

@@ -46,8 +46,16 @@ class QuantizationArgs(StrictArgs):
     epoch: int = 0  # epoch (0-based) at whose start the layers are clustered
     lr: float | None = None  # learning rate of the codebooks (None: the optimizer's); no weight decay on them
     layers: list[str] | None = None  # layer names or types to quantize (default: those of bits)
+    bias_bits: int | None = None  # share the selected layers' biases too, 2**bias_bits values each (None: raw)
     seed: int = 0  # seed of forgy / kmeans++ (k-means is deterministic, so every DDP rank agrees)
     max_iter: int = 1000  # Lloyd iterations at most
+
+    @field_validator("bias_bits")
+    @classmethod
+    def _bias_bits_range(cls, bits: int | None) -> int | None:
+        if bits is not None and not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"must be an integer in 1..{MAX_BITS} or null, got {bits!r}")
+        return bits
 
     @field_validator("bits")
     @classmethod
@@ -85,7 +93,9 @@ class Quantization(Callback):
     Takes the keyword arguments of ``QuantizationArgs``: ``bits`` (one number, or ``{layer name or type:
     bits}``; default conv 8 / fc 5 as in the paper, LeNet-300-100 uses 6; ``2**bits`` clusters at most, a
     layer with fewer distinct kept weights gets fewer), ``init``, ``epoch``, ``lr``, ``layers``, ``seed``,
-    ``max_iter``.
+    ``max_iter``, ``bias_bits`` (beyond the paper, which keeps biases raw: the selected layers' biases
+    share ``2**bias_bits`` values each, clustered and fine-tuned like the weights; a bias is never pruned
+    unless ``IterativePruning.prune_bias`` says so).
 
     Raises:
         ValueError: an argument out of range (one message per problem).
@@ -95,6 +105,7 @@ class Quantization(Callback):
         self.args = args = validated(QuantizationArgs, kwargs, "Quantization")
         self.bits, self.init, self.epoch, self.lr = args.bits, args.init, args.epoch, args.lr
         self.layers, self.seed, self.max_iter = args.layers, args.seed, args.max_iter
+        self.bias_bits = args.bias_bits
 
     def check(self, model: nn.Module, max_epochs: int) -> dict[str, int]:
         """Validates layer names and the epoch; returns {full layer name: bits}.
@@ -112,10 +123,19 @@ class Quantization(Callback):
         if stage != "fit":
             return
         self.layer_bits = self.check(pl_module.model, trainer.max_epochs)
-        modules = dict(pl_module.model.named_modules())
-        for name, bits in self.layer_bits.items():  # before configure_optimizers: the optimizer sees them
-            pl_module.compression.add_codebook(f"{name}.weight", 2 ** bits, modules[name].weight.device)
+        for param_name, param, bits in self._targets(pl_module.model):  # before configure_optimizers
+            pl_module.compression.add_codebook(param_name, 2 ** bits, param.device)
         pl_module.codebook_lr = self.lr
+
+    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
+        """(parameter name, parameter, bits) of every tensor to share: each layer's weight, then its bias
+        when ``bias_bits`` is set."""
+        modules, out = dict(model.named_modules()), []
+        for name, bits in self.layer_bits.items():
+            out.append((f"{name}.weight", modules[name].weight, bits))
+            if self.bias_bits is not None and getattr(modules[name], "bias", None) is not None:
+                out.append((f"{name}.bias", modules[name].bias, self.bias_bits))
+        return out
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
@@ -124,11 +144,12 @@ class Quantization(Callback):
 
     def quantize(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         """Clusters every selected layer's kept weights and installs codebooks and indices."""
-        modules = dict(pl_module.model.named_modules())
         metrics: dict[str, float] = {}
-        for name, bits in self.layer_bits.items():
-            param_name, weight = f"{name}.weight", modules[name].weight
-            mask = pl_module.masks.get(param_name, weight.detach() != 0)
+        for param_name, weight, bits in self._targets(pl_module.model):
+            name = param_name.removesuffix(".weight")  # a layer's weight logs as the layer, a bias as "fc1.bias"
+            # Zeros of an unpruned weight stay zeros (the paper's layout); an unpruned bias keeps every entry.
+            unpruned = weight.detach() != 0 if param_name.endswith(".weight") else torch.ones_like(weight, dtype=bool)
+            mask = pl_module.masks.get(param_name, unpruned)
             values = weight.detach()[mask].double().cpu().numpy()
             if not len(values):  # pruned away entirely: nothing to share, the layer stays all zeros
                 log.info(f"Quantization skipped {name}: no weight is kept")
