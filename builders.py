@@ -98,6 +98,9 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
             raise ConfigError(f"trainer.callbacks.IterativePruning: {', '.join(fixed)} are already quantized, so "
                               f"their masks are fixed; prune from an unquantized checkpoint or select other layers "
                               f"with `layers`")
+        if isinstance(callback, IterativePruning) and callback.splicing and cfg.trainer.precision == "16-mixed":
+            raise ConfigError("trainer.callbacks.IterativePruning: splicing steps the pruned weights' shadows with "
+                              "the raw gradients, which precision '16-mixed' scales; use '32-true' or 'bf16-mixed'")
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks

@@ -4,6 +4,13 @@ The callback decides *when* (the schedule) and *what* (layers and targets); the 
 ``compression.pruning`` and are installed in ``LitClassifier.set_masks``, which keeps pruned weights at
 exactly zero through gradients, optimizer updates and weight decay, and saves the masks in every
 checkpoint. Resuming (``train.py -r``) restores the masks and continues with the next scheduled step.
+
+``splicing`` (beyond the paper: Dynamic Network Surgery, Guo et al. 2016, arXiv 1608.04493) lets a pruning
+decision be undone while the schedule runs: the network computes with the pruned weights at zero, as always,
+but each pruned weight keeps a shadow value that takes the plain gradient step of its position at every
+update (the learning rate of its group; no momentum or weight decay). Each pruning step then chooses among all
+weights, the shadows included, so a weight whose shadow has grown comes back with that value. From the last
+step on the mask is final and the shadows are dropped. The shadows are saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class PruningArgs(StrictArgs):
     prune_every: int = 1  # epochs between pruning steps
     reset_weights: bool = False  # rewind survivors to their fit-start values after each step (lottery ticket)
     adjust_dropout: bool = False  # D_r = D_o * sqrt(C_ir / C_io) for the dropout feeding each pruned layer
+    splicing: bool = False  # pruned weights keep learning in a shadow copy until the last step and may come back
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -64,6 +72,9 @@ class PruningArgs(StrictArgs):
                 raise ValueError(f"sensitivity {key}: must be >= 0, got {value}")
         if self.schedule == "epochs" and not self.epochs:
             raise ValueError("schedule 'epochs' needs a non-empty 'epochs' list")
+        if self.splicing and (self.schedule == "one_shot" or self.reset_weights):
+            raise ValueError("splicing lets later pruning steps bring weights back: it needs a schedule of several "
+                             "steps ('every', 'gradual' or 'epochs'), not 'one_shot', and no reset_weights")
         if self.start_epoch < 0 or self.prune_every < 1:
             raise ValueError(f"start_epoch must be >= 0 and prune_every >= 1, got {self.start_epoch} and "
                              f"{self.prune_every}")
@@ -79,7 +90,7 @@ class IterativePruning(Callback):
     """Prunes the selected layers at the scheduled epochs.
 
     Takes the keyword arguments of ``PruningArgs`` (criterion, keep_ratio or sensitivity, layers,
-    prune_bias, schedule, epochs, start_epoch, end_epoch, prune_every, reset_weights, adjust_dropout).
+    prune_bias, schedule, epochs, start_epoch, end_epoch, prune_every, reset_weights, adjust_dropout, splicing).
     ``schedule``: ``one_shot`` (at ``start_epoch``), ``epochs`` (the list ``epochs``), ``every`` (from
     ``start_epoch`` every ``prune_every`` epochs up to ``end_epoch``) or ``gradual`` (same epochs, cubic
     schedule of Zhu & Gupta 2017). Multi-step schedules reach the target at the last step.
@@ -94,7 +105,9 @@ class IterativePruning(Callback):
                                                                      args.prune_bias)
         self.schedule, self.epochs, self.start_epoch = args.schedule, args.epochs, args.start_epoch
         self.end_epoch, self.prune_every = args.end_epoch, args.prune_every
-        self.reset_weights, self.adjust_dropout = args.reset_weights, args.adjust_dropout
+        self.reset_weights, self.adjust_dropout, self.splicing = args.reset_weights, args.adjust_dropout, args.splicing
+        self.shadow: dict[str, torch.Tensor] = {}  # splicing: pruned weights' shadow values (0 where kept)
+        self._grads: dict[str, torch.Tensor] = {}  # splicing: this step's gradients, before they are masked
         self.initial_state: dict[str, torch.Tensor] = {}  # for reset_weights
         self.dropout_p: dict[str, float] = {}  # original rate of each adjusted dropout (D_o)
         self.dropout_adjusted: dict[str, float] = {}  # the rate it retrains with now (D_r), saved for inspection
@@ -152,25 +165,69 @@ class IterativePruning(Callback):
         if epoch in self.steps:
             self.prune(trainer, pl_module, self.steps.index(epoch))
 
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
+        # Runs before LitClassifier's own hook, which masks the gradients: the shadows need them whole.
+        if self.shadow:
+            params = dict(pl_module.model.named_parameters())
+            self._grads = {n: params[n].grad.detach().clone() for n in self.shadow if params[n].grad is not None}
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: LitClassifier,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self._grads:
+            return
+        params = dict(pl_module.model.named_parameters())
+        lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for name, grad in self._grads.items():
+                shadow = self.shadow[name] = self.shadow[name].to(grad.device)
+                shadow.sub_(lrs[id(params[name])] * grad.masked_fill_(pl_module.masks[name].to(grad.device), 0.0))
+        self._grads = {}
+
     def prune(self, trainer: pl.Trainer, pl_module: LitClassifier, step: int) -> None:
         """Runs pruning step ``step`` (0-based) of the schedule: new masks, optional rewind, report."""
         before = {n: int(pl_module.masks[n].sum()) if n in pl_module.masks else p.numel()
                   for n, (p, _) in self._params(pl_module.model, self.targets).items()}
         params = self._params(pl_module.model, self.targets)
-        masks = step_masks(self.criterion, {n: p for n, (p, _) in params.items()},
-                           {n: t for n, (_, t) in params.items()}, step, len(self.steps),
-                           self.schedule == "gradual", pl_module.masks)
+        weights, current = {n: p.detach() for n, (p, _) in params.items()}, pl_module.masks
+        if self.splicing:  # choose among every weight: a pruned one competes with its shadow value
+            weights = {n: torch.where(current[n].to(w.device), w, self.shadow[n].to(w.device)) if n in self.shadow
+                       else w.clone() for n, w in weights.items()}
+            current = {}
+        masks = step_masks(self.criterion, weights, {n: t for n, (_, t) in params.items()}, step, len(self.steps),
+                           self.schedule == "gradual", current)
         if trainer.world_size > 1:  # identical on every rank by construction; broadcasting makes it certain
             masks = trainer.strategy.broadcast(masks, src=0)
         if self.reset_weights:
             with torch.no_grad():
                 for name, (param, _) in self._params(pl_module.model, self.targets).items():
                     param.copy_(self.initial_state[name].to(param.device))
-        pl_module.set_masks(masks)
+        revived = self._splice(pl_module, weights, masks, step) if self.splicing else {}
+        if not self.splicing:
+            pl_module.set_masks(masks)
         if self.adjust_dropout:
             self._adjust_dropout(pl_module)
-        self._report(trainer, pl_module, before, step)
+        self._report(trainer, pl_module, before, step, revived)
         reset_best(trainer)  # best.ckpt must come from after this step
+
+    def _splice(self, pl_module: LitClassifier, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                step: int) -> dict[str, int]:
+        """Installs ``masks`` with the kept weights at their (shadow) values and keeps the others' values as
+        shadows, until the last step; returns how many weights came back in each tensor."""
+        old = {n: pl_module.masks[n].to(w.device) if n in pl_module.masks else torch.ones_like(w, dtype=torch.bool)
+               for n, w in weights.items()}
+        pl_module.set_masks(masks)
+        params, last = dict(pl_module.model.named_parameters()), step == len(self.steps) - 1
+        with torch.no_grad():
+            for name, weight in weights.items():
+                mask = masks[name].to(weight.device)
+                params[name].copy_(weight.masked_fill(~mask, 0.0))
+                if not last:
+                    self.shadow[name] = weight.masked_fill(mask, 0.0)
+        if last:
+            self.shadow = {}
+        return {n: int((masks[n].to(w.device) & ~old[n]).sum()) for n, w in weights.items()}
 
     def _adjust_dropout(self, pl_module: LitClassifier) -> None:
         """Han 2015 §3.5 for every dropout feeding a pruned layer; records and logs the rates now in force."""
@@ -182,7 +239,8 @@ class IterativePruning(Callback):
                 log.info(f"Dropout {name}: {self.dropout_p[name]:g} -> {p:.4g} (D_r = D_o * sqrt(C_ir / C_io))")
         self.dropout_adjusted = adjusted
 
-    def _report(self, trainer: pl.Trainer, pl_module: LitClassifier, before: dict[str, int], step: int) -> None:
+    def _report(self, trainer: pl.Trainer, pl_module: LitClassifier, before: dict[str, int], step: int,
+                revived: dict[str, int]) -> None:
         metrics, total_kept, total = {}, 0, 0
         for name, param in pl_module.model.named_parameters():
             if not name.endswith(".weight") or name.rsplit(".", 1)[0] not in prunable_layers(pl_module.model):
@@ -191,8 +249,11 @@ class IterativePruning(Callback):
             total_kept, total = total_kept + kept, total + param.numel()
             metrics[f"sparsity/{name.removesuffix('.weight')}"] = 100.0 * kept / param.numel()
             if name in before:
+                back = f" ({revived[name]:,} spliced back)" if name in revived else ""
                 log.info(f"Pruned {name}: {before[name]:,}/{param.numel():,} ({100 * before[name] / param.numel():.2f}%)"
-                         f" -> {kept:,}/{param.numel():,} ({100 * kept / param.numel():.2f}%)")
+                         f" -> {kept:,}/{param.numel():,} ({100 * kept / param.numel():.2f}%){back}")
+                if name in revived:
+                    metrics[f"spliced/{name.removesuffix('.weight')}"] = float(revived[name])
         metrics["sparsity/total"] = 100.0 * total_kept / max(total, 1)
         log.info(f"Pruning step {step + 1}/{len(self.steps)} at epoch {trainer.current_epoch}: "
                  f"{total_kept:,}/{total:,} prunable weights kept ({metrics['sparsity/total']:.2f}%, "
@@ -203,10 +264,11 @@ class IterativePruning(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"initial_state": self.initial_state, "dropout_p": self.dropout_p,
-                "dropout_adjusted": self.dropout_adjusted}
+                "dropout_adjusted": self.dropout_adjusted, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial_state = state_dict.get("initial_state", {})
         self.dropout_p = state_dict.get("dropout_p", {})
         self.dropout_adjusted = state_dict.get("dropout_adjusted", {})
+        self.shadow = dict(state_dict.get("shadow", {}))
