@@ -17,7 +17,7 @@ from trainer.compression_state import codebook_key
 
 CALLBACKS = {"IterativePruning": {"keep_ratio": 0.2, "start_epoch": 0},
              "Quantization": {"bits": 3, "bias_bits": 2, "epoch": 1}}
-BIASES = ("fc1.bias", "fc2.bias", "fc3.bias")
+BIASES = ("fc1.bias", "fc2.bias", "fc3.bias")  # 300, 100, 10 entries: all more than 2**2
 
 
 @pytest.mark.parametrize("codec", ["huffman", "range"])
@@ -44,6 +44,7 @@ def test_biases_share_a_fine_tuned_codebook_and_decode_bit_exactly(tmp_path: Pat
     for name, value in decoded.state_dict().items():
         assert torch.equal(value.view(torch.int32), last["state_dict"][f"model.{name}"].view(torch.int32)), name
     report = json.loads((run / "compression_report.json").read_text())
+    assert set(BIASES) <= {r["layer"] for r in report["layers"] if r["encoding"] == "quantized"}
     rows = {r["layer"]: r for r in report["layers"]}
     assert rows["fc1.bias"]["encoding"] == "quantized" and rows["fc1.bias"]["kept"] == 300
 
@@ -70,3 +71,12 @@ def test_bias_bits_is_checked_when_the_config_is_read(tmp_path: Path, idx_dir: P
     path = write_config(tmp_path, idx_dir, "bad", {"Quantization": {"bits": 3, "bias_bits": 0}}, max_epochs=2)
     with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Quantization\.bias_bits: must be an integer in 1\.\.16 or null, got 0"):
         parse_config(json.loads(path.read_text()))
+
+
+def test_a_bias_no_longer_than_its_codebook_stays_raw(tmp_path: Path, idx_dir: Path) -> None:
+    callbacks = {"Quantization": {"bits": 3, "bias_bits": 4, "epoch": 0}}  # 16 values: fc3.bias (10) stays raw
+    assert train.main(["-c", str(write_config(tmp_path, idx_dir, "raw", callbacks, max_epochs=1))]) == 0
+    last = load_ckpt(only_run(tmp_path / "raw") / "last.ckpt")
+    assert {"fc1.bias", "fc2.bias"} <= set(last["quant_index"]) and "fc3.bias" not in last["quant_index"]
+    _, header = read_compressed(only_run(tmp_path / "raw") / "model.dcz")
+    assert next(e for e in header["tensors"] if e["name"] == "fc3.bias")["encoding"] == "raw"

@@ -46,7 +46,7 @@ class QuantizationArgs(StrictArgs):
     epoch: int = 0  # epoch (0-based) at whose start the layers are clustered
     lr: float | None = None  # learning rate of the codebooks (None: the optimizer's); no weight decay on them
     layers: list[str] | None = None  # layer names or types to quantize (default: those of bits)
-    bias_bits: int | None = None  # share the selected layers' biases too, 2**bias_bits values each (None: raw)
+    bias_bits: int | None = None  # share the selected layers' biases too (those of more than 2**bias_bits entries)
     seed: int = 0  # seed of forgy / kmeans++ (k-means is deterministic, so every DDP rank agrees)
     max_iter: int = 1000  # Lloyd iterations at most
 
@@ -93,9 +93,9 @@ class Quantization(Callback):
     Takes the keyword arguments of ``QuantizationArgs``: ``bits`` (one number, or ``{layer name or type:
     bits}``; default conv 8 / fc 5 as in the paper, LeNet-300-100 uses 6; ``2**bits`` clusters at most, a
     layer with fewer distinct kept weights gets fewer), ``init``, ``epoch``, ``lr``, ``layers``, ``seed``,
-    ``max_iter``, ``bias_bits`` (beyond the paper, which keeps biases raw: the selected layers' biases
-    share ``2**bias_bits`` values each, clustered and fine-tuned like the weights; a bias is never pruned
-    unless ``IterativePruning.prune_bias`` says so).
+    ``max_iter``, ``bias_bits`` (beyond the paper, which keeps biases raw: the selected layers' biases of
+    more than ``2**bias_bits`` entries share that many values each, clustered and fine-tuned like the
+    weights; a bias is never pruned unless ``IterativePruning.prune_bias`` says so).
 
     Raises:
         ValueError: an argument out of range (one message per problem).
@@ -133,8 +133,10 @@ class Quantization(Callback):
         modules, out = dict(model.named_modules()), []
         for name, bits in self.layer_bits.items():
             out.append((f"{name}.weight", modules[name].weight, bits))
-            if self.bias_bits is not None and getattr(modules[name], "bias", None) is not None:
-                out.append((f"{name}.bias", modules[name].bias, self.bias_bits))
+            bias = getattr(modules[name], "bias", None)
+            # A bias of at most 2**bias_bits entries stays raw: its codebook would hold every value anyway.
+            if self.bias_bits is not None and bias is not None and bias.numel() > 2 ** self.bias_bits:
+                out.append((f"{name}.bias", bias, self.bias_bits))
         return out
 
     @override
