@@ -31,6 +31,10 @@ if TYPE_CHECKING:  # the module this callback works on (its .model, .masks, .com
     from trainer.lit_model import LitClassifier
 
 log = get_logger("quantization")
+# ``bias_bits`` shares a bias only if it has more than this many entries per shared value: a float32 codebook of
+# 2**b values costs 32 * 2**b bits and saves 16 - b bits per entry over float16 storage (break-even at 2.7 entries
+# per value for 4 bits, 3.2 for 6), so a short bias (LeNet-5's conv1: 20) stays raw.
+BIAS_ENTRIES_PER_VALUE = 4
 
 
 class QuantizationArgs(StrictArgs):
@@ -46,7 +50,7 @@ class QuantizationArgs(StrictArgs):
     epoch: int = 0  # epoch (0-based) at whose start the layers are clustered
     lr: float | None = None  # learning rate of the codebooks (None: the optimizer's); no weight decay on them
     layers: list[str] | None = None  # layer names or types to quantize (default: those of bits)
-    bias_bits: int | None = None  # share the selected layers' biases too (those of more than 2**bias_bits entries)
+    bias_bits: int | None = None  # share the selected layers' biases too (those of > 4 * 2**bias_bits entries)
     seed: int = 0  # seed of forgy / kmeans++ (k-means is deterministic, so every DDP rank agrees)
     max_iter: int = 1000  # Lloyd iterations at most
 
@@ -94,7 +98,7 @@ class Quantization(Callback):
     bits}``; default conv 8 / fc 5 as in the paper, LeNet-300-100 uses 6; ``2**bits`` clusters at most, a
     layer with fewer distinct kept weights gets fewer), ``init``, ``epoch``, ``lr``, ``layers``, ``seed``,
     ``max_iter``, ``bias_bits`` (beyond the paper, which keeps biases raw: the selected layers' biases of
-    more than ``2**bias_bits`` entries share that many values each, clustered and fine-tuned like the
+    more than ``BIAS_ENTRIES_PER_VALUE * 2**bias_bits`` entries share ``2**bias_bits`` values each, clustered and fine-tuned like the
     weights; a bias is never pruned unless ``IterativePruning.prune_bias`` says so).
 
     Raises:
@@ -134,8 +138,7 @@ class Quantization(Callback):
         for name, bits in self.layer_bits.items():
             out.append((f"{name}.weight", modules[name].weight, bits))
             bias = getattr(modules[name], "bias", None)
-            # A bias of at most 2**bias_bits entries stays raw: its codebook would hold every value anyway.
-            if self.bias_bits is not None and bias is not None and bias.numel() > 2 ** self.bias_bits:
+            if self.bias_bits is not None and bias is not None and bias.numel() > BIAS_ENTRIES_PER_VALUE * 2 ** self.bias_bits:
                 out.append((f"{name}.bias", bias, self.bias_bits))
         return out
 
