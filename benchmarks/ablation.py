@@ -14,7 +14,12 @@ switching one technique on at a time:
 4. ``+ range codec``: row 3's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
-   error is the file's, biases rounded): the beyond recipe as shipped.
+   error is the file's, biases rounded);
+6. ``+ shared biases``: row 3's cycle trained again with the recipe's ``Quantization.bias_bits`` (the long
+   biases share a fine-tuned codebook), range-coded with float16 for the short ones: the beyond recipe's
+   compression cycle as shipped.
+
+Rows 1-5 run without ``bias_bits`` (their biases are stored raw).
 
 ``--scales`` adds points to the curve: both recipes with every keep ratio times each scale (1.0 is the
 table's rows). Into ``--out``: ``ablation_<model>.md``, ``ablation_<model>.json``, ``rate_vs_error_<model>.png``.
@@ -64,14 +69,17 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
 
 
 def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
-                      distill: bool, codec: str) -> dict[str, Any]:
-    """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets."""
+                      distill: bool, codec: str, shared_biases: bool = False) -> dict[str, Any]:
+    """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
+    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases)."""
     cfg = copy.deepcopy(beyond)
     shift = first_compression_epoch(cfg)
     cbs = cfg["trainer"]["callbacks"]
     cbs["IterativePruning"].update(keep_ratio=keep, start_epoch=cbs["IterativePruning"]["start_epoch"] - shift,
                                    end_epoch=cbs["IterativePruning"]["end_epoch"] - shift)
     cbs["Quantization"].update(bits=bits, epoch=cbs["Quantization"]["epoch"] - shift)
+    if not shared_biases:
+        cbs["Quantization"].pop("bias_bits", None)
     if distill:
         cbs["Distillation"]["epoch"] -= shift
     else:
@@ -89,7 +97,8 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     elif sched:
         raise ReproduceError(f"{beyond['name']}: ablation rows need a CosineCycles schedule, got {sched.get('type')}")
     cfg.update(name=name, pretrained=str(dense))
-    cfg["export"].update(codec=codec, raw_dtype="float32")
+    cfg["export"].update(codec=codec, raw_dtype=beyond["export"].get("raw_dtype", "float32") if shared_biases
+                         else "float32")
     return cfg
 
 
@@ -146,8 +155,9 @@ def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str,
     for r in rows:
         keep = " / ".join(f"{k} {100 * v:g}%" for k, v in r["keep"].items())
         bits = " / ".join(f"{k} {v}" for k, v in r["bits"].items())
+        biases = r.get("raw_dtype", "float32") + (f", long ones {r['bias_bits']}-bit" if r.get("bias_bits") else "")
         lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {'yes' if r['distill'] else 'no'} | "
-                     f"{r.get('raw_dtype', 'float32')} | "
+                     f"{biases} | "
                      f"{r['dcz_bytes']:,} | **{r['rate']:.1f}×** | {r['top1_err']:.2f} % | "
                      f"{r['top1_err'] - dense_err:+.2f} pt |")
     return "\n".join(lines) + "\n"
@@ -206,10 +216,15 @@ def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict
             row.update(recipe=name, keep=keep, bits=bits, distill=distill, codec="huffman", scale=scale)
             if scale == 1.0:
                 rows.append(row)
-            if distill:  # the same checkpoint, range-coded, then float16 biases: the curve's point for ours
+            if distill:  # the same checkpoint, range-coded, then float16 biases; then shared biases (trained)
                 ranged = recode(row, "+ range codec", "float32")
-                row = recode(row, "+ float16 biases", "float16")
-                rows += [ranged, row] if scale == 1.0 else []
+                halved = recode(row, "+ float16 biases", "float16")
+                cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True)
+                row = run_row(cfg, save_dir)  # the recipe as shipped: the curve's point for ours
+                row.update(recipe="+ shared biases", keep=keep, bits=bits, distill=True, codec="range", scale=scale,
+                           raw_dtype=cfg["export"]["raw_dtype"],
+                           bias_bits=cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits"))
+                rows += [ranged, halved, row] if scale == 1.0 else []
             if i != 1:
                 label = "ours, beyond the paper" if distill else "paper-faithful (Han 2016)"
                 points.setdefault(label, []).append((row["rate"], row["top1_err"]))
@@ -229,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/ablation.py", *argv])
     text = table(args.model, dense_err, rows, commit, command)
-    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "distill", "dcz_bytes", "rate", "top1_err", "dense_top1_err",
-            "dense_bytes", "wall_s", "run_dir")
+    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "bias_bits", "distill", "dcz_bytes", "rate", "top1_err",
+            "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
     data = {"model": args.model, "commit": commit, "command": command, "rows": [{k: r.get(k) for k in keys} for r in rows],
             "curve": {k: [list(p) for p in sorted(v)] for k, v in points.items()}}
     atomic_write_text(out / f"ablation_{args.model}.md", text)

@@ -31,6 +31,12 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
     callbacks = builders.build_config_callbacks(parsed, builders.build_model(parsed))
     assert [s.name for s in builders.pipeline_stages(parsed, callbacks, Path(".")).stages] == ["prune", "quantize"]
     assert plan_stages(30, [0, 16], 20)[0].name == "prune"
+    # bias_bits and the recipe's raw_dtype only in the last row (the recipe as shipped)
+    assert "bias_bits" not in taught["trainer"]["callbacks"]["Quantization"] and taught["export"]["raw_dtype"] == "float32"
+    shipped = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range", True)
+    assert shipped["trainer"]["callbacks"]["Quantization"]["bias_bits"] == \
+        beyond["trainer"]["callbacks"]["Quantization"]["bias_bits"]
+    assert shipped["export"]["raw_dtype"] == beyond["export"]["raw_dtype"]
 
 
 def test_table_and_scaled_ratios() -> None:
@@ -39,3 +45,6 @@ def test_table_and_scaled_ratios() -> None:
            "dcz_bytes": 25000, "rate": 42.66, "top1_err": 10.5}
     text = ablation.table("lenet300", 10.18, [row], "abc1234", "python benchmarks/ablation.py")
     assert "| paper | fc1 6% | Linear 6 | huffman | no | float32 | 25,000 | **42.7×** | 10.50 % | +0.32 pt |" in text
+    shared = {**row, "recipe": "+ shared biases", "raw_dtype": "float16", "bias_bits": 4}
+    text = ablation.table("lenet300", 10.18, [shared], "abc1234", "python benchmarks/ablation.py")
+    assert "| + shared biases | fc1 6% | Linear 6 | huffman | no | float16, long ones 4-bit | 25,000 |" in text
