@@ -22,9 +22,9 @@ follows the header. Inflating stops at ``HEADER_INFLATE_RATIO`` times the stored
 Older formats are still read. Format 1: the JSON header plain, then a u32 section count and per section
 a u8 name length, the name, a u64 data length, a CRC32 of name and data, the data. Format 2: the same
 with the header raw-DEFLATE compressed. Format 3 (since the beyond-the-paper codecs) moves the section
-table into the compressed header and gives DEFLATE a dictionary of the header's usual words: a LeNet's
-table of contents goes from ~0.9 KB (format 2: 0.5 KB of header, ~30 bytes of framing per section) to
-~0.25 KB, 5 % of a 100x file.
+table into the compressed header and gives DEFLATE a dictionary of the header's usual words: the
+LeNet-300-100 beyond recipe's table of contents goes from 890 bytes (format 2: 0.5 KB of header, ~30 bytes
+of framing per section) to 294, 4.4 % of its file.
 """
 from __future__ import annotations
 

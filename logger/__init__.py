@@ -33,6 +33,16 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
+def global_rank() -> int:
+    """This process's rank over every node, from the variables the launchers set (torchrun / Lightning:
+    ``RANK``, SLURM: ``SLURM_PROCID``; ``LOCAL_RANK`` alone when nothing else is set), as Lightning reads it."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
     """Configures the ``deep_compression`` loggers; without ``run_dir``, logs to the console only."""
     config = json.loads(CONFIG_FILE.read_text())
@@ -43,7 +53,7 @@ def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
             logger["handlers"] = [h for h in logger["handlers"] if h in handlers]
     else:
         handlers["info_file_handler"]["filename"] = str(Path(run_dir) / handlers["info_file_handler"]["filename"])
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0:  # a DDP worker: rank 0 speaks for the run
+    if global_rank() > 0:  # a DDP worker: rank 0 speaks for the run
         level = max(level, logging.WARNING)
     for logger in config["loggers"].values():
         logger["level"] = level
