@@ -9,12 +9,15 @@ each layer alone (``compression/sensitivity.py``), evaluating the checkpoint on 
 
 Into ``--out`` (default ``sensitivity/`` beside the checkpoint): ``sensitivity.csv``, ``baseline.json``,
 ``prune.png``, ``quantize_<init>.png``, TensorBoard events and, with ``--budget``, ``proposal.json`` (a
-``trainer.callbacks`` fragment: ``--set "trainer.callbacks=$(cat proposal.json)"``) and ``proposal_report.json``.
+``trainer.callbacks`` fragment: ``--set "trainer.callbacks=$(cat proposal.json)"``) and ``proposal_report.json``;
+with ``--recipe BASE.json`` too, ``recipe.json``: that config with the proposal's per-layer targets in its own
+pruning and quantization schedule, ready for ``train.py -c``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -30,11 +33,10 @@ from compression.atomic import atomic_open, atomic_write_bytes, atomic_write_tex
 from compression.kmeans import INITS
 from compression.layers import prunable_layers, resolve
 from compression.quantization import MAX_BITS
-from compression.sensitivity import (BUDGET_TOL, KINDS, Metrics, Point, check_jointly, propose, run_sweeps,
-                                     sweep_points)
+from compression.sensitivity import BUDGET_TOL, KINDS, Metrics, Point, check_jointly, propose, run_sweeps, sweep_points
 from data import DataNotFoundError
 from logger import setup_logging
-from parse_config import Config, ConfigError, add_override_args, overrides_from_args
+from parse_config import Config, ConfigError, add_override_args, overrides_from_args, parse_config
 from trainer.callbacks import QUANTIZE_EPOCH, proposal_callbacks
 from utils import CheckpointError
 
@@ -150,6 +152,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="top-1 error points each layer may add: write proposal.json with per-layer targets")
     parser.add_argument("--check", action="store_true",
                         help="with --budget: apply the whole proposal at once, evaluate, and report it")
+    parser.add_argument("--recipe", default=None, metavar="BASE.json",
+                        help="with --budget: write recipe.json, this config with the proposal's keep ratios and bits "
+                             "in its own IterativePruning / Quantization schedule (train it with train.py -c)")
     add_override_args(parser)
     return parser
 
@@ -166,7 +171,43 @@ def sweep_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--budget must be >= 0 error points, got {args.budget}")
     if args.check and args.budget is None:
         raise ConfigError("--check evaluates the proposal of --budget: pass --budget too")
+    if args.recipe is not None and args.budget is None:
+        raise ConfigError("--recipe puts the proposal of --budget into a config: pass --budget too")
+    settings["recipe"] = read_recipe(args.recipe) if args.recipe is not None else None  # read before the sweep
     return settings
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """The ``--recipe`` base config as JSON (checked whole once the proposal is in it)."""
+    try:
+        base = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"--recipe {path}: cannot read it: {err.strerror}") from None
+    except ValueError as err:
+        raise ConfigError(f"--recipe {path}: not valid JSON: {err}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"--recipe {path}: expected a JSON object (a config), got {type(base).__name__}")
+    return base
+
+
+def proposal_recipe(base: dict[str, Any], fragment: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``base`` with the proposal's targets: its ``IterativePruning`` takes the proposed ``keep_ratio`` (one
+    per layer; its criterion becomes ``magnitude``), its ``Quantization`` the proposed ``bits`` and ``init``;
+    schedules, distillation, optimizer and export stay the base's. A callback the base lacks is added as the
+    proposal has it (one-shot pruning at epoch 0, k-means at epoch 1)."""
+    cfg = copy.deepcopy(base)
+    callbacks = cfg.setdefault("trainer", {}).setdefault("callbacks", {})
+    for name, args in fragment.items():
+        if name not in callbacks:
+            callbacks[name] = args
+        elif name == "IterativePruning":
+            callbacks[name] = {k: v for k, v in callbacks[name].items() if k not in ("sensitivity", "layers")}
+            callbacks[name].update(criterion="magnitude", keep_ratio=args["keep_ratio"])
+        else:
+            callbacks[name] = {k: v for k, v in callbacks[name].items() if k != "layers"}
+            callbacks[name].update(bits=args["bits"], init=args["init"])
+    cfg["name"] = f"{base.get('name', 'recipe')}_proposal"
+    return cfg
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
@@ -271,9 +312,11 @@ def write_figures(results: list[tuple[Point, Metrics]], baseline: Metrics, budge
 
 
 def write_proposal(results: list[tuple[Point, Metrics]], baseline: Metrics, layers: dict[str, nn.Module],
-                   args: argparse.Namespace, evaluate: Callable[[], Metrics], out_dir: Path) -> dict[str, Any]:
+                   args: argparse.Namespace, evaluate: Callable[[], Metrics], out_dir: Path,
+                   base: dict[str, Any] | None = None) -> dict[str, Any]:
     """``proposal.json`` (the callbacks fragment) and ``proposal_report.json``; with ``--check``, the proposal
-    applied to all layers at once is evaluated first (and the weights restored)."""
+    applied to all layers at once is evaluated first (and the weights restored); with ``base`` (``--recipe``),
+    ``recipe.json``."""
     sizes = {name: module.weight.numel() for name, module in layers.items()}
     proposal = propose(results, baseline["top1_err"], args.budget, sizes)
     fragment = proposal_callbacks(proposal["keep_ratio"], proposal["bits"], proposal["init"], args.seed)
@@ -286,6 +329,14 @@ def write_proposal(results: list[tuple[Point, Metrics]], baseline: Metrics, laye
         report["check"] = {stage: {**m, "added_top1_err": m["top1_err"] - baseline["top1_err"],
                                    "within_budget": m["top1_err"] <= proposal["limit"] + BUDGET_TOL}
                            for stage, m in joint.items()}
+    if base is not None:
+        recipe = proposal_recipe(base, fragment)
+        try:
+            parse_config(recipe)
+        except ConfigError as err:
+            raise ConfigError(f"--recipe {args.recipe} with the proposal in it is not a valid config: {err}") from None
+        atomic_write_text(out_dir / "recipe.json", json.dumps(recipe, indent=2) + "\n")
+        report["recipe"] = str(out_dir / "recipe.json")
     atomic_write_text(out_dir / "proposal.json", json.dumps(fragment, indent=2) + "\n")
     atomic_write_text(out_dir / "proposal_report.json", json.dumps(report, indent=2) + "\n")
     return report
@@ -313,6 +364,8 @@ def format_summary(baseline: Metrics, report: dict[str, Any] | None, split: str)
     for stage, m in report.get("check", {}).items():
         lines.append(f"check, all layers at once ({stage}): top-1 {m['top1_err']:.2f} % "
                      f"({m['added_top1_err']:+.2f} pt, {'within' if m['within_budget'] else 'OVER'} the budget)")
+    if "recipe" in report:
+        lines.append(f"recipe with these targets: {report['recipe']} (train it: python train.py -c {report['recipe']})")
     return "\n".join(lines)
 
 
@@ -335,8 +388,9 @@ def analyse(args: argparse.Namespace) -> tuple[Metrics, dict[str, Any] | None, l
              *write_figures(results, baseline, args.budget, out_dir)]
     report = None
     if args.budget is not None:
-        report = write_proposal(results, baseline, layers, args, evaluate, out_dir)
+        report = write_proposal(results, baseline, layers, args, evaluate, out_dir, settings["recipe"])
         files += [out_dir / "proposal.json", out_dir / "proposal_report.json"]
+        files += [Path(report["recipe"])] if "recipe" in report else []
     return baseline, report, files
 
 

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(args.model, dense_err, rows, commit, command)
     keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "bias_bits", "distill", "dcz_bytes", "rate", "top1_err",
             "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
-    data = {"model": args.model, "commit": commit, "command": command, "rows": [{k: r.get(k) for k in keys} for r in rows],
+    data = {"model": args.model, "commit": commit, "command": command,
+            "rows": [{k: r.get(k) for k in keys} for r in rows],
             "curve": {k: [list(p) for p in sorted(v)] for k, v in points.items()}}
     atomic_write_text(out / f"ablation_{args.model}.md", text)
     atomic_write_text(out / f"ablation_{args.model}.json", json.dumps(data, indent=2) + "\n")

@@ -45,23 +45,23 @@ MAX_NAME_BYTES = 255
 # Format 3's preset DEFLATE dictionary: words a header usually holds, the likeliest last (DEFLATE codes near
 # matches in fewer bits). Part of the format: changing one byte of it needs a new format version.
 HEADER_DICTIONARY = (
-    '{"type":"VGG16CIFAR","args":{"num_classes":100}}{"type":"AlexNet","args":{"num_classes":1000}}'
-    '"data_loader":{"type":"Imagenette","args":{"type":"CIFAR100","args":{"type":"MNIST","args":'
-    '"shape":[3,224,224]"shape":[3,32,32]"class_names":["0","1","2","3","4","5","6","7","8","9"],'
-    '"index_bits":,"entries":"clusters":256},"codec":"huffman-v1""encoding":"sparse","stored":"float32"}'
-    '{"name":"fc6.weight","shape":[4096,9216],{"name":"conv2.weight","shape":[50,20,5,5],'
-    '{"format":"deep-compression","arch":{"type":"LeNet5","args":{"num_classes":10}},"tensors":'
-    '[{"name":"fc1.weight","shape":[300,784],"dtype":"float32","encoding":"quantized","codec":"range-v1",'
-    '"kept":,"clusters":16},{"name":"fc1.bias","shape":[300],"dtype":"float32","encoding":"raw",'
-    '"stored":"float16"},"num_classes":10,"class_names":["T-shirt/top","Trouser","Pullover","Dress","Coat",'
-    '"Sandal","Shirt","Sneaker","Bag","Ankle boot"],"eval":{"name":"lenet300_fashionmnist_beyond","loss":'
-    '"cross_entropy","metrics":["top1_err","top5_err"],"data_loader":{"type":"FashionMNIST","args":'
-    '{"batch_size":128,"validation_split":0.1,"num_workers":0}}},"input":{"mean":[0.286],"std":[0.353],'
-    '"shape":[1,28,28]},"sha256":"'
-    '\n[["conv1.weight:codebook",,["conv1.weight:index",,["conv1.weight:position",,["conv1.bias:raw",'
-    ',["fc1.weight:codebook",,["fc1.weight:index",,["fc1.weight:position",,["fc1.bias:codebook",'
-    ',["fc1.bias:index",,["fc1.bias:position",,["fc1.bias:raw",'
-).encode("utf-8")
+    b'{"type":"VGG16CIFAR","args":{"num_classes":100}}{"type":"AlexNet","args":{"num_classes":1000}}'
+    b'"data_loader":{"type":"Imagenette","args":{"type":"CIFAR100","args":{"type":"MNIST","args":'
+    b'"shape":[3,224,224]"shape":[3,32,32]"class_names":["0","1","2","3","4","5","6","7","8","9"],'
+    b'"index_bits":,"entries":"clusters":256},"codec":"huffman-v1""encoding":"sparse","stored":"float32"}'
+    b'{"name":"fc6.weight","shape":[4096,9216],{"name":"conv2.weight","shape":[50,20,5,5],'
+    b'{"format":"deep-compression","arch":{"type":"LeNet5","args":{"num_classes":10}},"tensors":'
+    b'[{"name":"fc1.weight","shape":[300,784],"dtype":"float32","encoding":"quantized","codec":"range-v1",'
+    b'"kept":,"clusters":16},{"name":"fc1.bias","shape":[300],"dtype":"float32","encoding":"raw",'
+    b'"stored":"float16"},"num_classes":10,"class_names":["T-shirt/top","Trouser","Pullover","Dress","Coat",'
+    b'"Sandal","Shirt","Sneaker","Bag","Ankle boot"],"eval":{"name":"lenet300_fashionmnist_beyond","loss":'
+    b'"cross_entropy","metrics":["top1_err","top5_err"],"data_loader":{"type":"FashionMNIST","args":'
+    b'{"batch_size":128,"validation_split":0.1,"num_workers":0}}},"input":{"mean":[0.286],"std":[0.353],'
+    b'"shape":[1,28,28]},"sha256":"'
+    b'\n[["conv1.weight:codebook",,["conv1.weight:index",,["conv1.weight:position",,["conv1.bias:raw",'
+    b',["fc1.weight:codebook",,["fc1.weight:index",,["fc1.weight:position",,["fc1.bias:codebook",'
+    b',["fc1.bias:index",,["fc1.bias:position",,["fc1.bias:raw",'
+)
 _PREFIX = struct.Struct("<8sHII")  # magic, version, header length, header CRC32
 _COUNT = struct.Struct("<I")
 _SECTION = struct.Struct("<QI")  # data length, CRC32 (after the u8 name length and the name)
@@ -83,7 +83,8 @@ def _encode_header(header: dict, names: list[bytes], sections: list[tuple[str, b
     """Format 3's stored header: the JSON object and the section table, deflated with the dictionary."""
     if not isinstance(header, dict):
         raise TypeError(f"header must be a dict, got {type(header).__name__}")
-    table = [[raw.decode("utf-8"), memoryview(data).nbytes, zlib.crc32(data)] for raw, (_, data) in zip(names, sections)]
+    table = [[raw.decode("utf-8"), memoryview(data).nbytes, zlib.crc32(data)]
+             for raw, (_, data) in zip(names, sections)]
     data = _json(header, "header") + b"\n" + _json(table, "section table")
     if len(data) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(data)} bytes, at most {MAX_HEADER_BYTES} allowed")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import StopAfter, load_ckpt, only_run, write_config
 
 import builders
 import train
 from dcz import read_compressed
-from helpers import StopAfter, load_ckpt, only_run, write_config
 from parse_config import ConfigError, parse_config
 from trainer.compression_state import codebook_key
 
@@ -70,7 +70,8 @@ def test_resume_mid_quantization_with_biases_equals_an_uninterrupted_run(tmp_pat
 
 def test_bias_bits_is_checked_when_the_config_is_read(tmp_path: Path, idx_dir: Path) -> None:
     path = write_config(tmp_path, idx_dir, "bad", {"Quantization": {"bits": 3, "bias_bits": 0}}, max_epochs=2)
-    with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Quantization\.bias_bits: must be an integer in 1\.\.16 or null, got 0"):
+    match = r"trainer\.callbacks\.Quantization\.bias_bits: must be an integer in 1\.\.16 or null, got 0"
+    with pytest.raises(ConfigError, match=match):
         parse_config(json.loads(path.read_text()))
 
 

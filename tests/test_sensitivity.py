@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ROOT, load_script, tiny_config
 from torch import nn
 
 from compression.sensitivity import Point, propose, run_sweeps, sweep_points
-from helpers import load_script, tiny_config
 from parse_config import parse_config
 from trainer.callbacks import proposal_callbacks
 
@@ -116,6 +116,46 @@ def test_budget_proposal_loads_and_trains(swept: tuple[Path, str], idx_dir: Path
     config = tmp_path / "proposed.json"
     config.write_text(json.dumps(raw))
     assert train.main(["-c", str(config), "--weights", str(out_dir.parent / "best.ckpt")]) == 0
+
+
+def test_recipe_takes_the_proposal_into_its_own_schedule(ckpt: Path, tmp_path: Path, idx_dir: Path) -> None:
+    base = json.loads((ROOT / "configs" / "lenet300_fashionmnist_beyond.json").read_text())
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(base))
+    out = tmp_path / "sens"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert sens.main(["-r", str(ckpt), *SWEEP_ARGS, "--budget", "0.5", "--out", str(out),
+                          "--recipe", str(path)]) == 0
+    fragment = json.loads((out / "proposal.json").read_text())
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert f"train it: python train.py -c {out / 'recipe.json'}" in stdout.getvalue()
+    pruning, quant = recipe["trainer"]["callbacks"]["IterativePruning"], recipe["trainer"]["callbacks"]["Quantization"]
+    assert pruning["keep_ratio"] == fragment["IterativePruning"]["keep_ratio"] and pruning["schedule"] == "gradual"
+    assert (pruning["start_epoch"], pruning["end_epoch"]) == (30, 46)  # the base's schedule, not the proposal's
+    assert quant["bits"] == fragment["Quantization"]["bits"] and quant["epoch"] == 50 and quant["bias_bits"] == 4
+    assert "Distillation" in recipe["trainer"]["callbacks"]
+    assert recipe["name"] == "lenet300_fashionmnist_beyond_proposal"
+    assert {k: v for k, v in recipe.items() if k not in ("trainer", "name")} == \
+        {k: v for k, v in base.items() if k not in ("trainer", "name")}
+    # it trains (shortened, on the tiny data)
+    short = ["--set", "trainer.max_epochs=4", "--set", "trainer.callbacks.IterativePruning.start_epoch=0",
+             "--set", "trainer.callbacks.IterativePruning.end_epoch=1",
+             "--set", "trainer.callbacks.Quantization.epoch=2",
+             "--set", "trainer.callbacks.Distillation.epoch=0", "--set", "lr_scheduler.args.cycles=[2,2]",
+             "--set", f"data_loader.args.data_dir={idx_dir}", "--set", f"trainer.save_dir={tmp_path / 'runs'}",
+             "--set", "trainer.progress_bar=none"]
+    assert train.main(["-c", str(out / "recipe.json"), *short]) == 0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--recipe", "x.json"], "--recipe puts the proposal of --budget into a config: pass --budget too"),
+    (["--budget", "0.5", "--recipe", "/nonexistent/x.json"], "--recipe /nonexistent/x.json: cannot read it"),
+])
+def test_recipe_errors_come_before_the_sweep(ckpt: Path, extra: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert sens.main(["-r", str(ckpt), *SWEEP_ARGS, *extra]) == 2
+    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ in-memory sweeps

@@ -9,13 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import StopAfter, load_ckpt, only_run, write_config
+from test_callbacks_trainer import fit, tiny_module
 
 import builders
 import train
 from dcz import read_compressed
-from helpers import StopAfter, load_ckpt, only_run, write_config
 from parse_config import ConfigError, parse_config
-from test_callbacks_trainer import fit, tiny_module
 from trainer.callbacks import IterativePruning
 
 PRUNING = {"keep_ratio": 0.1, "schedule": "gradual", "start_epoch": 0, "end_epoch": 3, "prune_every": 1,

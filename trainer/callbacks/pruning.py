@@ -250,8 +250,9 @@ class IterativePruning(Callback):
             metrics[f"sparsity/{name.removesuffix('.weight')}"] = 100.0 * kept / param.numel()
             if name in before:
                 back = f" ({revived[name]:,} spliced back)" if name in revived else ""
-                log.info(f"Pruned {name}: {before[name]:,}/{param.numel():,} ({100 * before[name] / param.numel():.2f}%)"
-                         f" -> {kept:,}/{param.numel():,} ({100 * kept / param.numel():.2f}%){back}")
+                log.info(f"Pruned {name}: {before[name]:,}/{param.numel():,} "
+                         f"({100 * before[name] / param.numel():.2f}%) -> {kept:,}/{param.numel():,} "
+                         f"({100 * kept / param.numel():.2f}%){back}")
                 if name in revived:
                     metrics[f"spliced/{name.removesuffix('.weight')}"] = float(revived[name])
         metrics["sparsity/total"] = 100.0 * total_kept / max(total, 1)

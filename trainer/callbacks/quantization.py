@@ -98,8 +98,9 @@ class Quantization(Callback):
     bits}``; default conv 8 / fc 5 as in the paper, LeNet-300-100 uses 6; ``2**bits`` clusters at most, a
     layer with fewer distinct kept weights gets fewer), ``init``, ``epoch``, ``lr``, ``layers``, ``seed``,
     ``max_iter``, ``bias_bits`` (beyond the paper, which keeps biases raw: the selected layers' biases of
-    more than ``BIAS_ENTRIES_PER_VALUE * 2**bias_bits`` entries share ``2**bias_bits`` values each, clustered and fine-tuned like the
-    weights; a bias is never pruned unless ``IterativePruning.prune_bias`` says so).
+    more than ``BIAS_ENTRIES_PER_VALUE * 2**bias_bits`` entries share ``2**bias_bits`` values each,
+    clustered and fine-tuned like the weights; a bias is never pruned unless ``IterativePruning.prune_bias``
+    says so).
 
     Raises:
         ValueError: an argument out of range (one message per problem).
@@ -138,7 +139,8 @@ class Quantization(Callback):
         for name, bits in self.layer_bits.items():
             out.append((f"{name}.weight", modules[name].weight, bits))
             bias = getattr(modules[name], "bias", None)
-            if self.bias_bits is not None and bias is not None and bias.numel() > BIAS_ENTRIES_PER_VALUE * 2 ** self.bias_bits:
+            long_bias = bias is not None and bias.numel() > BIAS_ENTRIES_PER_VALUE * 2 ** (self.bias_bits or 0)
+            if self.bias_bits is not None and long_bias:
                 out.append((f"{name}.bias", bias, self.bias_bits))
         return out
 
