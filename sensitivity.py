@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from builders import load_trained_model, make_evaluator
+from builders import build_config_callbacks, build_model, load_trained_model, make_evaluator
 from compression.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from compression.kmeans import INITS
 from compression.layers import prunable_layers, resolve
@@ -187,6 +187,10 @@ def read_recipe(path: str) -> dict[str, Any]:
         raise ConfigError(f"--recipe {path}: not valid JSON: {err}") from None
     if not isinstance(base, dict):
         raise ConfigError(f"--recipe {path}: expected a JSON object (a config), got {type(base).__name__}")
+    try:  # a broken base fails before the sweep, not after it
+        parse_config(base)
+    except ConfigError as err:
+        raise ConfigError(f"--recipe {path}: {err}") from None
     return base
 
 
@@ -194,9 +198,13 @@ def proposal_recipe(base: dict[str, Any], fragment: dict[str, dict[str, Any]]) -
     """``base`` with the proposal's targets: its ``IterativePruning`` takes the proposed ``keep_ratio`` (one
     per layer; its criterion becomes ``magnitude``), its ``Quantization`` the proposed ``bits`` and ``init``;
     schedules, distillation, optimizer and export stay the base's. A callback the base lacks is added as the
-    proposal has it (one-shot pruning at epoch 0, k-means at epoch 1)."""
+    proposal has it (one-shot pruning at epoch 0, k-means at epoch 1); one the proposal lacks (no layer
+    within the budget) is removed."""
     cfg = copy.deepcopy(base)
     callbacks = cfg.setdefault("trainer", {}).setdefault("callbacks", {})
+    for name in ("IterativePruning", "Quantization"):  # nothing proposed (no layer within the budget): none
+        if name not in fragment:
+            callbacks.pop(name, None)
     for name, args in fragment.items():
         if name not in callbacks:
             callbacks[name] = args
@@ -331,8 +339,9 @@ def write_proposal(results: list[tuple[Point, Metrics]], baseline: Metrics, laye
                            for stage, m in joint.items()}
     if base is not None:
         recipe = proposal_recipe(base, fragment)
-        try:
-            parse_config(recipe)
+        try:  # what train.py checks before it trains: the config, then the callbacks against the model
+            cfg = parse_config(recipe)
+            build_config_callbacks(cfg, build_model(cfg))
         except ConfigError as err:
             raise ConfigError(f"--recipe {args.recipe} with the proposal in it is not a valid config: {err}") from None
         atomic_write_text(out_dir / "recipe.json", json.dumps(recipe, indent=2) + "\n")

@@ -21,10 +21,10 @@ follows the header. Inflating stops at ``HEADER_INFLATE_RATIO`` times the stored
 
 Older formats are still read. Format 1: the JSON header plain, then a u32 section count and per section
 a u8 name length, the name, a u64 data length, a CRC32 of name and data, the data. Format 2: the same
-with the header raw-DEFLATE compressed. Format 3 (since the beyond-the-paper codecs) moves the section
-table into the compressed header and gives DEFLATE a dictionary of the header's usual words: the
-LeNet-300-100 beyond recipe's table of contents goes from 890 bytes (format 2: 0.5 KB of header, ~30 bytes
-of framing per section) to 294, 4.4 % of its file.
+with the header raw-DEFLATE compressed. Format 3 moves the section table into the compressed header and
+gives DEFLATE a dictionary of the header's usual words: the LeNet-300-100 beyond recipe's table of contents
+goes from 890 bytes (format 2: 0.5 KB of header, ~30 bytes of framing per section) to 294, which saves 4.4 %
+of its file. A format-3 table lists at most ``MAX_SECTIONS`` sections.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ MAX_PLAUSIBLE_VERSION = 64  # above this, a version field is corrupt rather than
 MAX_HEADER_BYTES = 16 << 20  # the header is a table of contents, not data
 HEADER_INFLATE_RATIO = 32  # a format-2/3 header may inflate to at most this many times its stored size
 MAX_NAME_BYTES = 255
+MAX_SECTIONS = 1 << 16  # a format-3 table lists at most this many (a VGG-16 file has ~50): no million tiny objects
 # Format 3's preset DEFLATE dictionary: words a header usually holds, the likeliest last (DEFLATE codes near
 # matches in fewer bits). Part of the format: changing one byte of it needs a new format version.
 HEADER_DICTIONARY = (
@@ -86,18 +87,26 @@ def _encode_header(header: dict, names: list[bytes], sections: list[tuple[str, b
     table = [[raw.decode("utf-8"), memoryview(data).nbytes, zlib.crc32(data)]
              for raw, (_, data) in zip(names, sections)]
     data = _json(header, "header") + b"\n" + _json(table, "section table")
-    if len(data) > MAX_HEADER_BYTES:
-        raise ValueError(f"header is {len(data)} bytes, at most {MAX_HEADER_BYTES} allowed")
+    if len(data) > MAX_HEADER_BYTES or len(table) > MAX_SECTIONS:
+        raise ValueError(f"header is {len(data)} bytes with {len(table)} sections, at most {MAX_HEADER_BYTES} "
+                         f"bytes and {MAX_SECTIONS} sections allowed")
     # raw DEFLATE: no zlib wrapper (the CRC32 covers it), with format 3's preset dictionary
     deflate = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=HEADER_DICTIONARY)
-    return deflate.compress(data) + deflate.flush()
+    stored = deflate.compress(data) + deflate.flush()
+    if len(data) > _inflate_limit(stored):  # what the reader would refuse is never written
+        raise ValueError(f"header is {len(data)} bytes but deflates to {len(stored)}: more than a reader inflates")
+    return stored
+
+
+def _inflate_limit(stored: bytes) -> int:
+    return min(MAX_HEADER_BYTES, HEADER_INFLATE_RATIO * len(stored) + (64 << 10))
 
 
 def _inflate_header(raw: bytes, path: str, version: int) -> bytes:
     """The JSON bytes of a format-2/3 header: at most ``HEADER_INFLATE_RATIO`` times the stored bytes (plus 64
     KiB) and ``MAX_HEADER_BYTES``, so a small file cannot become a large header (a JSON table of contents
     deflates 2-8x; a 16 KB file of repeated ``{},`` would otherwise inflate to 16 MiB of objects)."""
-    limit = min(MAX_HEADER_BYTES, HEADER_INFLATE_RATIO * len(raw) + (64 << 10))
+    limit = _inflate_limit(raw)
     inflate = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY) if version >= 3 else zlib.decompressobj(-15)
     try:
         data = inflate.decompress(raw, limit)
@@ -274,6 +283,8 @@ def _check_table(table: object, left: int, path: str) -> list[tuple[str, int, in
     """Format 3's section table as (name, length, CRC32) triples, once every length adds up to ``left``."""
     if not isinstance(table, list):
         raise ContainerError(f"{path}: corrupt section table: expected a JSON list, got {type(table).__name__}")
+    if len(table) > MAX_SECTIONS:
+        raise ContainerError(f"{path}: corrupt section table: {len(table)} sections, at most {MAX_SECTIONS}")
     out, seen = [], set()
     for i, item in enumerate(table):
         ok = (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)

@@ -285,6 +285,9 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not isinstance(header.get("tensors"), list):
         raise CompressedFileError(f"{path}: header has no tensor table")
     size = {name: len(data) for name, data in sections}
+    per_tensor: dict[str, int] = {}  # once, not a scan of every section per tensor
+    for key, n in size.items():
+        per_tensor[key.rpartition(":")[0]] = per_tensor.get(key.rpartition(":")[0], 0) + n
     rows = []
     for entry in header["tensors"]:
         shape = entry.get("shape") if isinstance(entry, dict) else None
@@ -293,7 +296,7 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             raise CompressedFileError(f"{path}: malformed tensor entry in the header: {str(entry)[:100]}")
         name, encoding = str(entry.get("name")), entry.get("encoding")
         numel = math.prod(entry.get("shape") or [0])
-        stored = sum(n for key, n in size.items() if key.rpartition(":")[0] == name)
+        stored = per_tensor.get(name, 0)
         kept = int(entry.get("kept", numel)) if encoding != "raw" else numel
         codec = str(entry.get("codec", HUFFMAN))[:40] if encoding != "raw" else None
         entries = int(entry.get("entries", kept if codec not in (None, HUFFMAN) else 0) or 0)  # range: no fillers

@@ -33,14 +33,16 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
-def global_rank() -> int:
-    """This process's rank over every node, from the variables the launchers set (torchrun / Lightning:
-    ``RANK``, SLURM: ``SLURM_PROCID``; ``LOCAL_RANK`` alone when nothing else is set), as Lightning reads it."""
-    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK"):
+def is_worker() -> bool:
+    """Whether this process is a DDP worker other than the global rank 0, from what the launchers set:
+    torchrun ``RANK``, SLURM ``SLURM_PROCID``, LSF ``JSM_NAMESPACE_RANK``; else (Lightning's own launcher)
+    ``LOCAL_RANK`` on node ``NODE_RANK`` / ``GROUP_RANK``."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         value = os.environ.get(key, "")
         if value.isdigit():
-            return int(value)
-    return 0
+            return int(value) > 0
+    return any(int(v) > 0 for v in (os.environ.get(k, "") for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+               if v.isdigit())
 
 
 def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
@@ -53,7 +55,7 @@ def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
             logger["handlers"] = [h for h in logger["handlers"] if h in handlers]
     else:
         handlers["info_file_handler"]["filename"] = str(Path(run_dir) / handlers["info_file_handler"]["filename"])
-    if global_rank() > 0:  # a DDP worker: rank 0 speaks for the run
+    if is_worker():  # rank 0 speaks for the run
         level = max(level, logging.WARNING)
     for logger in config["loggers"].values():
         logger["level"] = level

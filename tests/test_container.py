@@ -279,6 +279,29 @@ def test_layout_is_as_documented(tmp_path: Path) -> None:
     assert data == expected
 
 
+def test_the_preset_dictionary_is_pinned() -> None:
+    # Part of format 3: a changed byte would make every format-3 file written so far unreadable.
+    import hashlib
+
+    assert len(container.HEADER_DICTIONARY) == 1408
+    assert hashlib.sha256(container.HEADER_DICTIONARY).hexdigest() == \
+        "53f897548a976cb133f4028307a18a6a2692f44517fd91cdde7b307002440ce6"
+
+
+def test_a_table_of_too_many_sections_is_refused_and_never_written(tmp_path: Path) -> None:
+    many = b"[" + b",".join(b'["s%d",0,0]' % i for i in range(container.MAX_SECTIONS + 1)) + b"]"
+    with pytest.raises(ContainerError, match="65537 sections, at most 65536"):
+        read_container(raw_file(tmp_path, table=many))
+    with pytest.raises(ValueError, match="at most 16777216 bytes and 65536 sections"):
+        write_container(tmp_path / "m.dcz", {}, [(f"s{i}", b"") for i in range(container.MAX_SECTIONS + 1)])
+
+
+def test_the_writer_refuses_a_header_its_reader_would_not_inflate(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="more than a reader inflates"):
+        write_container(tmp_path / "m.dcz", {"pad": " " * (1 << 20)}, [])
+    assert os.listdir(tmp_path) == []
+
+
 def test_framing_bytes_and_the_stored_header_add_up_to_the_file(tmp_path: Path) -> None:
     path, data = written(tmp_path)
     (length,) = struct.unpack("<I", data[10:14])

@@ -148,14 +148,29 @@ def test_recipe_takes_the_proposal_into_its_own_schedule(ckpt: Path, tmp_path: P
     assert train.main(["-c", str(out / "recipe.json"), *short]) == 0
 
 
+def test_recipe_drops_what_the_proposal_does_not_apply() -> None:
+    base = json.loads((ROOT / "configs" / "lenet300_fashionmnist_beyond.json").read_text())
+    recipe = sens.proposal_recipe(base, {"Quantization": {"bits": {"fc1": 4}, "init": "linear", "epoch": 0}})
+    assert "IterativePruning" not in recipe["trainer"]["callbacks"]  # no layer could be pruned within the budget
+    assert recipe["trainer"]["callbacks"]["Quantization"]["bits"] == {"fc1": 4}
+    assert "IterativePruning" in base["trainer"]["callbacks"]  # the base itself is untouched
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--recipe", "x.json"], "--recipe puts the proposal of --budget into a config: pass --budget too"),
     (["--budget", "0.5", "--recipe", "/nonexistent/x.json"], "--recipe /nonexistent/x.json: cannot read it"),
+    (["--budget", "0.5", "--recipe", "CONFIG_WITH_TYPO"], "--recipe .*bad.json: .*optimizr"),
 ])
-def test_recipe_errors_come_before_the_sweep(ckpt: Path, extra: list[str], message: str,
+def test_recipe_errors_come_before_the_sweep(ckpt: Path, extra: list[str], message: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    assert sens.main(["-r", str(ckpt), *SWEEP_ARGS, *extra]) == 2
-    assert message in capsys.readouterr().err
+    import re
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads((ROOT / "config.json").read_text()), "optimizr": {}}))
+    extra = [str(bad) if e == "CONFIG_WITH_TYPO" else e for e in extra]
+    assert sens.main(["-r", str(ckpt), *SWEEP_ARGS, *extra, "--out", str(tmp_path / "sens")]) == 2
+    err = capsys.readouterr().err
+    assert (re.search(message, err) if "*" in message else message in err) and not (tmp_path / "sens").exists()
 
 
 # ------------------------------------------------------------------------------------ in-memory sweeps

@@ -111,6 +111,7 @@ def test_resume_between_splicing_steps_equals_an_uninterrupted_run(tmp_path: Pat
 @pytest.mark.parametrize(("pruning", "trainer", "match"), [
     ({**PRUNING, "schedule": "one_shot"}, {}, "splicing .* needs a schedule of several steps"),
     ({**PRUNING, "reset_weights": True}, {}, "no reset_weights"),
+    ({**PRUNING, "schedule": "epochs", "epochs": [2]}, {}, "splicing needs at least two pruning steps"),
     (PRUNING, {"precision": "16-mixed"}, "splicing .* precision '16-mixed' scales; use '32-true'"),
 ])
 def test_splicing_is_checked_when_the_config_is_read(tmp_path: Path, idx_dir: Path, pruning: dict[str, Any],

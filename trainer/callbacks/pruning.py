@@ -133,6 +133,9 @@ class IterativePruning(Callback):
                 raise ValueError(f"criterion 'std' cannot apply to {name}: it has fewer than 2 weights")
         self.steps = schedule_epochs(self.schedule, max_epochs, self.epochs, self.start_epoch, self.end_epoch,
                                      self.prune_every)
+        if self.splicing and len(self.steps) < 2:
+            raise ValueError(f"splicing needs at least two pruning steps (a weight can only come back at a later "
+                             f"one); this schedule has {len(self.steps)}")
         return targets
 
     def _params(self, model: nn.Module, targets: dict[str, float]) -> dict[str, tuple[nn.Parameter, float]]:
