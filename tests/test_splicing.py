@@ -53,7 +53,7 @@ def test_a_pruned_weight_whose_shadow_grew_comes_back_with_that_value() -> None:
         def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
             if trainer.current_epoch == 1:
                 seen["mask"] = bool(pl_module.masks["fc1.weight"].flatten()[seen["at"]])
-                seen["weight"] = float(pl_module.model.fc1.weight.flatten()[seen["at"]])
+                seen["weight"] = float(pl_module.model.fc1.weight.detach().flatten()[seen["at"]])
 
     fit(module, [Grow(), pruning, Look(), log], epochs=5)
     assert seen["mask"] and seen["weight"] == 5.0
