@@ -277,3 +277,37 @@ def fix_crcs(path: Path, digest: bool = True) -> None:
     if digest:
         header["sha256"] = payload_digest(pairs)
     write_dcz_parts(path, header, table, body)
+
+
+# --------------------------------------------------------------------------- exact resume
+def whole_and_cut_runs(tmp_path: Path, idx_dir: Path, monkeypatch: Any, callbacks: dict[str, Any], max_epochs: int,
+                       stop_after: int) -> tuple[Path, Path]:
+    """Trains the tiny config with ``callbacks`` for ``max_epochs`` in one go ("whole"), and again killed after
+    epoch ``stop_after`` as a job would be ("cut", not resumed yet); returns both run folders."""
+    import builders
+    import train
+
+    whole = write_config(tmp_path, idx_dir, "whole", callbacks, max_epochs=max_epochs)
+    assert train.main(["-c", str(whole)]) == 0
+    cut = write_config(tmp_path, idx_dir, "cut", callbacks, max_epochs=max_epochs)
+    original = builders.build_callbacks
+    with monkeypatch.context() as patch:
+        patch.setattr(builders, "build_callbacks",
+                      lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(stop_after)])
+        assert train.main(["-c", str(cut)]) == 0
+    return only_run(tmp_path / "whole"), only_run(tmp_path / "cut")
+
+
+def assert_resume_equals_whole(whole: Path, cut: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Resumes ``cut`` from its last.ckpt and checks it ends as ``whole`` did: every tensor of the state and the
+    masks equal, ``model.dcz`` byte for byte; returns both last checkpoints."""
+    import train
+
+    assert train.main(["-r", str(cut / "last.ckpt")]) == 0
+    a, b = load_ckpt(whole / "last.ckpt"), load_ckpt(cut / "last.ckpt")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a.get("masks", {}).keys() == b.get("masks", {}).keys()
+    assert all(torch.equal(m, b["masks"][n]) for n, m in a.get("masks", {}).items())
+    assert (whole / "model.dcz").read_bytes() == (cut / "model.dcz").read_bytes()
+    return a, b

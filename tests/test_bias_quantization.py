@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import StopAfter, load_ckpt, only_run, write_config
+from helpers import assert_resume_equals_whole, load_ckpt, only_run, whole_and_cut_runs, write_config
 
-import builders
 import train
 from dcz import read_compressed
 from parse_config import ConfigError, parse_config
@@ -52,20 +51,10 @@ def test_biases_share_a_fine_tuned_codebook_and_decode_bit_exactly(tmp_path: Pat
 
 def test_resume_mid_quantization_with_biases_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = write_config(tmp_path, idx_dir, "whole", CALLBACKS, max_epochs=4)
-    assert train.main(["-c", str(whole)]) == 0
-    cut = write_config(tmp_path, idx_dir, "cut", CALLBACKS, max_epochs=4)
-    original = builders.build_callbacks
-    with monkeypatch.context() as patch:  # killed after epoch 2: biases clustered at 1, fine-tuned one epoch
-        patch.setattr(builders, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(2)])
-        assert train.main(["-c", str(cut)]) == 0
-    run = only_run(tmp_path / "cut")
-    assert set(BIASES) <= set(load_ckpt(run / "last.ckpt")["quant_index"])
-    assert train.main(["-r", str(run / "last.ckpt")]) == 0
-    a, b = load_ckpt(only_run(tmp_path / "whole") / "last.ckpt"), load_ckpt(run / "last.ckpt")
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    assert (only_run(tmp_path / "whole") / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+    # killed after epoch 2: biases clustered at 1, fine-tuned one epoch
+    whole, cut = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, CALLBACKS, max_epochs=4, stop_after=2)
+    assert set(BIASES) <= set(load_ckpt(cut / "last.ckpt")["quant_index"])
+    assert_resume_equals_whole(whole, cut)
 
 
 def test_bias_bits_is_checked_when_the_config_is_read(tmp_path: Path, idx_dir: Path) -> None:

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import StopAfter, assert_resume_equals_whole, load_ckpt, whole_and_cut_runs, write_config
+from test_callbacks_trainer import fit, tiny_module
 
 import builders
-import train
-from helpers import StopAfter, load_ckpt, only_run, write_config
 from parse_config import ConfigError, parse_config
-from test_callbacks_trainer import fit, tiny_module
 from trainer.callbacks import Distillation, IterativePruning
 from trainer.callbacks.distillation import Teacher
 from trainer.lit_model import network_state
@@ -64,24 +63,14 @@ def test_distillation_changes_training_and_is_off_before_its_epoch() -> None:
 
 def test_resume_after_the_teacher_was_taken_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = write_config(tmp_path, idx_dir, "whole", CALLBACKS, max_epochs=4)
-    assert train.main(["-c", str(whole)]) == 0
-    cut = write_config(tmp_path, idx_dir, "cut", CALLBACKS, max_epochs=4)
-    original = builders.build_callbacks
-    with monkeypatch.context() as patch:  # killed after epoch 2: the teacher (taken at 1) is in last.ckpt
-        patch.setattr(builders, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(2)])
-        assert train.main(["-c", str(cut)]) == 0
-    run = only_run(tmp_path / "cut")
+    # killed after epoch 2: the teacher (taken at 1) is in last.ckpt
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, CALLBACKS, max_epochs=4, stop_after=2)
     stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
     # The teacher is the dense stage's network, taken before the first pruning step of the same epoch.
     dense = network_state(load_ckpt(run / "dense.ckpt"))
     assert set(stored["teacher"]) == set(dense)
     assert all(torch.equal(stored["teacher"][k], v) for k, v in dense.items())
-    assert train.main(["-r", str(run / "last.ckpt")]) == 0
-    a, b = load_ckpt(only_run(tmp_path / "whole") / "last.ckpt"), load_ckpt(run / "last.ckpt")
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    assert (only_run(tmp_path / "whole") / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+    assert_resume_equals_whole(whole, run)
 
 
 def test_config_order_puts_the_teacher_before_pruning_whatever_the_json_order(tmp_path: Path, idx_dir: Path) -> None:

@@ -9,11 +9,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import StopAfter, load_ckpt, only_run, write_config
+from helpers import assert_resume_equals_whole, load_ckpt, whole_and_cut_runs, write_config
 from test_callbacks_trainer import fit, tiny_module
 
 import builders
-import train
 from dcz import read_compressed
 from parse_config import ConfigError, parse_config
 from trainer.callbacks import IterativePruning
@@ -86,22 +85,11 @@ def test_a_shadow_takes_the_plain_gradient_step_of_its_position() -> None:
 
 def test_resume_between_splicing_steps_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = write_config(tmp_path, idx_dir, "whole", CALLBACKS, max_epochs=6)
-    assert train.main(["-c", str(whole)]) == 0
-    cut = write_config(tmp_path, idx_dir, "cut", CALLBACKS, max_epochs=6)
-    original = builders.build_callbacks
-    with monkeypatch.context() as patch:  # killed after epoch 1: two of four steps done, shadows in last.ckpt
-        patch.setattr(builders, "build_callbacks", lambda cfg, run_dir: original(cfg, run_dir) + [StopAfter(1)])
-        assert train.main(["-c", str(cut)]) == 0
-    run = only_run(tmp_path / "cut")
+    # killed after epoch 1: two of four steps done, shadows in last.ckpt
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, CALLBACKS, max_epochs=6, stop_after=1)
     stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "IterativePruning" in k)
     assert set(stored["shadow"]) == {"fc1.weight", "fc2.weight", "fc3.weight"}
-    assert train.main(["-r", str(run / "last.ckpt")]) == 0
-    a, b = load_ckpt(only_run(tmp_path / "whole") / "last.ckpt"), load_ckpt(run / "last.ckpt")
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    assert all(torch.equal(m, b["masks"][n]) for n, m in a["masks"].items())
-    assert (only_run(tmp_path / "whole") / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+    assert_resume_equals_whole(whole, run)
     decoded, _ = read_compressed(run / "model.dcz")  # and the file is the model it was written from, bit for bit
     best = load_ckpt(run / "best.ckpt")
     for name, value in decoded.state_dict().items():
