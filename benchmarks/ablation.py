@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep-ratio multipliers of the curve's points, comma-separated (1.0: the table)")
     parser.add_argument("--save-dir", default=str(ROOT / "runs" / "ablation"), help="where the runs go")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the tables go")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fits trained at once, each with CPUs / jobs torch threads unless OMP_NUM_THREADS is "
+                             "set (the rows are independent: 2 on 2 cores saves wall time, changes no row)")
     return parser
 
 
@@ -188,46 +193,70 @@ def plot(model: str, dense_err: float, points: dict[str, list[tuple[float, float
     return buf.getvalue()
 
 
-def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict[str, list[tuple[float, float]]]]:
+def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str, Any],
+              dense: Path) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Every fit of the table and the curve, in table order: ``(tag, config, row fields)``."""
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if 1.0 not in scales or any(s <= 0 for s in scales):
         raise ReproduceError(f"--scales {args.scales!r}: expected positive numbers including 1.0 (the table's "
                              "rows), e.g. 1.0,1.4")
-    save_dir = Path(args.save_dir).expanduser().resolve()
-    save_dir.mkdir(parents=True, exist_ok=True)
-    beyond, paper = read_recipe(args.model, "beyond"), read_recipe(args.model, "pipeline")
-    dense = Path(args.dense).expanduser().resolve() if args.dense else train_dense(beyond, save_dir)
-    if not dense.is_file():
-        raise ReproduceError(f"--dense {dense}: no such checkpoint")
     ours_keep = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
     ours_bits = beyond["trainer"]["callbacks"]["Quantization"]["bits"]
     paper_keep = paper["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
     paper_bits = paper["trainer"]["callbacks"]["Quantization"]["bits"]
     variants = [("paper", paper_keep, paper_bits, False), ("+ sparser, fewer bits", ours_keep, ours_bits, False),
                 ("+ distillation", ours_keep, ours_bits, True)]
-    rows, points = [], {}
+    fits = []
     for scale in scales:
         for i, (name, keep, bits, distill) in enumerate(variants):
             if scale != 1.0 and i == 1:
                 continue  # the curve compares the two recipes; the middle row is the table's only
             keep = scaled(keep, scale)
             tag = f"{args.model}_ablation_{i + 1}" + ("" if scale == 1.0 else f"_x{scale:g}")
-            row = run_row(compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman"), save_dir)
-            row.update(recipe=name, keep=keep, bits=bits, distill=distill, codec="huffman", scale=scale)
-            if scale == 1.0:
-                rows.append(row)
-            if distill:  # the same checkpoint, range-coded, then float16 biases; then shared biases (trained)
-                ranged = recode(row, "+ range codec", "float32")
-                halved = recode(row, "+ float16 biases", "float16")
+            fields = {"keep": keep, "bits": bits, "scale": scale, "index": i}
+            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman"),
+                         {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
+            if distill:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
                 cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True)
-                row = run_row(cfg, save_dir)  # the recipe as shipped: the curve's point for ours
-                row.update(recipe="+ shared biases", keep=keep, bits=bits, distill=True, codec="range", scale=scale,
-                           raw_dtype=cfg["export"]["raw_dtype"],
-                           bias_bits=cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits"))
-                rows += [ranged, halved, row] if scale == 1.0 else []
-            if i != 1:
-                label = "ours, beyond the paper" if distill else "paper-faithful (Han 2016)"
-                points.setdefault(label, []).append((row["rate"], row["top1_err"]))
+                fits.append((tag + "_biases", cfg, {
+                    **fields, "recipe": "+ shared biases", "distill": True, "codec": "range",
+                    "raw_dtype": cfg["export"]["raw_dtype"],
+                    "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
+    return fits
+
+
+def run_fits(fits: list[tuple[str, dict[str, Any], dict[str, Any]]], save_dir: Path,
+             jobs: int) -> dict[str, dict[str, Any]]:
+    """Trains every fit (``jobs`` at a time, each in a folder of its own); returns their rows by tag."""
+    def one(fit: tuple[str, dict[str, Any], dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+        tag, cfg, fields = fit
+        folder = save_dir / tag if jobs > 1 else save_dir  # train() finds a run as the one new folder
+        folder.mkdir(parents=True, exist_ok=True)
+        return tag, {**run_row(cfg, folder), **fields}
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each worker waits on its own train.py process
+        return dict(pool.map(one, fits))
+
+
+def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict[str, list[tuple[float, float]]]]:
+    save_dir = Path(args.save_dir).expanduser().resolve()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    beyond, paper = read_recipe(args.model, "beyond"), read_recipe(args.model, "pipeline")
+    dense = Path(args.dense).expanduser().resolve() if args.dense else train_dense(beyond, save_dir)
+    if not dense.is_file():
+        raise ReproduceError(f"--dense {dense}: no such checkpoint")
+    fits = plan_rows(args, beyond, paper, dense)
+    done = run_fits(fits, save_dir, args.jobs)
+    rows, points = [], {}
+    for tag, _, fields in fits:
+        row = done[tag]
+        if fields["scale"] == 1.0:
+            rows.append(row)
+            if fields["recipe"] == "+ distillation":  # the same checkpoint, range-coded, then float16 biases
+                rows += [recode(row, "+ range codec", "float32"), recode(row, "+ float16 biases", "float16")]
+        if fields["index"] != 1 and fields["recipe"] != "+ distillation":  # the paper's and the shipped recipe's
+            label = "ours, beyond the paper" if fields["distill"] else "paper-faithful (Han 2016)"
+            points.setdefault(label, []).append((row["rate"], row["top1_err"]))
     dense_err = rows[0]["dense_top1_err"]
     return dense_err, rows, points
 
@@ -235,6 +264,11 @@ def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}: expected a number of fits >= 1", file=sys.stderr)
+        return 2
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # read by torch in every train.py started
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     commit, out = commit_id(), Path(args.out).expanduser().resolve()
     try:
         dense_err, rows, points = collect(args)

@@ -48,3 +48,35 @@ def test_table_and_scaled_ratios() -> None:
     shared = {**row, "recipe": "+ shared biases", "raw_dtype": "float16", "bias_bits": 4}
     text = ablation.table("lenet300", 10.18, [shared], "abc1234", "python benchmarks/ablation.py")
     assert "| + shared biases | fc1 6% | Linear 6 | huffman | no | float16, long ones 4-bit | 25,000 |" in text
+
+
+def test_plan_lists_every_fit_once_in_table_order() -> None:
+    beyond, paper = ablation.read_recipe("lenet300", "beyond"), ablation.read_recipe("lenet300", "pipeline")
+    args = ablation.get_args_parser().parse_args(["--scales", "1.0,1.4"])
+    fits = ablation.plan_rows(args, beyond, paper, Path("/d/dense.ckpt"))
+    assert [tag for tag, _, _ in fits] == [
+        "lenet300_ablation_1", "lenet300_ablation_2", "lenet300_ablation_3", "lenet300_ablation_3_biases",
+        "lenet300_ablation_1_x1.4", "lenet300_ablation_3_x1.4", "lenet300_ablation_3_x1.4_biases"]
+    assert [f["recipe"] for _, _, f in fits[:4]] == ["paper", "+ sparser, fewer bits", "+ distillation",
+                                                     "+ shared biases"]
+    assert all(cfg["name"] == tag for tag, cfg, _ in fits)
+    ours = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
+    assert fits[5][2]["keep"] == ablation.scaled(ours, 1.4) and fits[5][2]["distill"]
+
+
+def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    seen = []
+
+    def fake_row(cfg, folder):  # noqa: ANN001, ANN202
+        seen.append((cfg["name"], folder))
+        return {"rate": 2.0, "top1_err": 1.0, "name": cfg["name"]}
+
+    monkeypatch.setattr(ablation, "run_row", fake_row)
+    fits = [(f"t{i}", {"name": f"t{i}"}, {"scale": 1.0, "index": i}) for i in range(3)]
+    done = ablation.run_fits(fits, tmp_path, jobs=2)
+    assert {t: r["name"] for t, r in done.items()} == {"t0": "t0", "t1": "t1", "t2": "t2"}
+    assert sorted(seen) == [(f"t{i}", tmp_path / f"t{i}") for i in range(3)]  # never two runs in one folder
+    seen.clear()
+    ablation.run_fits(fits[:1], tmp_path, jobs=1)
+    assert seen == [("t0", tmp_path)]
+    assert ablation.main(["--jobs", "0"]) == 2

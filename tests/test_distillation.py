@@ -88,3 +88,46 @@ def test_config_checks_distillation_early(tmp_path: Path, idx_dir: Path) -> None
     with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Distillation\.temperature: must be > 0"):
         parse_config({**json.loads(path.read_text()), "trainer": {
             **json.loads(path.read_text())["trainer"], "callbacks": {"Distillation": {"temperature": 0}}}})
+
+
+def test_mixup_mixes_inputs_and_labels_with_one_beta_weight_per_batch() -> None:
+    x, y = torch.arange(12.0).reshape(6, 2), torch.arange(6)
+    torch.manual_seed(3)
+    mixed, y_mixed, lam = Teacher(torch.nn.Identity(), 2.0, 0.5, mixup=0.4).mix(x, y)
+    torch.manual_seed(3)  # the same draws, made by hand
+    lam_ref = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(6)
+    assert lam == lam_ref and 0.0 < lam < 1.0
+    assert torch.equal(y_mixed, y[perm]) and not torch.equal(perm, torch.arange(6))
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    state = torch.get_rng_state()  # without mixup: the batch itself, and nothing drawn
+    same, y_same, one = Teacher(torch.nn.Identity(), 2.0, 0.5).mix(x, y)
+    assert same is x and y_same is y and one == 1.0 and torch.equal(torch.get_rng_state(), state)
+
+
+def test_mixup_changes_training_only_when_on() -> None:
+    runs = {}
+    for name, mixup in (("plain", 0.0), ("mixed", 0.5)):
+        module = tiny_module()
+        torch.manual_seed(0)
+        fit(module, [Distillation(epoch=0, alpha=0.7, mixup=mixup)], epochs=2)
+        runs[name] = module.model.fc1.weight.detach().clone()
+    again = tiny_module()
+    torch.manual_seed(0)
+    fit(again, [Distillation(epoch=0, alpha=0.7)], epochs=2)
+    assert torch.equal(again.model.fc1.weight, runs["plain"])  # mixup 0: the loss as before, deterministic
+    assert not torch.equal(runs["mixed"], runs["plain"])
+
+
+def test_resume_with_mixup_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # lambda and the permutation come from torch's generator: its state is in last.ckpt
+    callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "mixup": 0.4}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=4, stop_after=2)
+    assert_resume_equals_whole(whole, run)
+
+
+def test_config_refuses_a_negative_mixup(tmp_path: Path, idx_dir: Path) -> None:
+    path = write_config(tmp_path, idx_dir, "bad", {"Distillation": {"mixup": -1}}, max_epochs=3)
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Distillation\.mixup: must be >= 0"):
+        parse_config(json.loads(path.read_text()))

@@ -99,9 +99,16 @@ class LitClassifier(pl.LightningModule):
         # before optimizer.step(), which increments global_step.
         log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         optimizer = self.optimizers()
-        loss, logits, _ = self.model_step(batch)
-        if self.teacher is not None:
-            loss = self.teacher.loss(batch[0], logits, loss)
+        if self.teacher is None:
+            loss, _, _ = self.model_step(batch)
+        else:
+            x, y = batch
+            x, y_mixed, lam = self.teacher.mix(x, y)  # the batch itself unless Distillation.mixup
+            logits = self(x)
+            loss = self.loss_fn(logits, y)
+            if lam != 1.0:
+                loss = lam * loss + (1.0 - lam) * self.loss_fn(logits, y_mixed)
+            loss = self.teacher.loss(x, logits, loss)
         optimizer.zero_grad()
         self.manual_backward(loss)  # then on_after_backward: masked gradients, codebook gradients
         optimizer.step()  # calls on_before_optimizer_step (gradient clipping) first, then updates

@@ -7,7 +7,12 @@ loss is
 
     (1 - alpha) · CE(student, y) + alpha · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
 
-(Hinton's eq. with the T² factor that keeps the soft term's gradients on the scale of the hard one's). The
+(Hinton's eq. with the T² factor that keeps the soft term's gradients on the scale of the hard one's).
+With ``mixup: a`` > 0 each training step first mixes its batch with a shuffled copy of itself, ``x' = λ x +
+(1 - λ) x[perm]``, ``λ ~ Beta(a, a)`` one per batch (Zhang et al. 2018, arXiv 1710.09412), and both networks
+see ``x'``: the teacher's soft targets on points between the training images are the extra signal
+("function matching", Beyer et al. 2022, arXiv 2106.05237); the hard term becomes ``λ CE(y) + (1 - λ)
+CE(y[perm])``. λ and perm come from torch's generator, which every checkpoint saves. The
 teacher's weights are part of the callback's checkpoint state, so ``train.py -r`` resumes with the same
 teacher; evaluation (val / test) and the ``.dcz`` file never involve it.
 """
@@ -41,6 +46,7 @@ class DistillationArgs(StrictArgs):
     epoch: int = Field(0, ge=0)  # the network at the start of this epoch becomes the teacher
     temperature: float = Field(4.0, gt=0)  # T: softens both distributions (Hinton: 2-20)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) term; 1 - alpha on the labels
+    mixup: float = Field(0.0, ge=0)  # Beta(a, a) of the mixing weight of the training batches; 0: no mixing
 
 
 @dataclass
@@ -51,6 +57,15 @@ class Teacher:
     model: nn.Module
     temperature: float
     alpha: float
+    mixup: float = 0.0
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(λ x + (1 - λ) x[perm], y[perm], λ)``, or ``(x, y, 1.0)`` without ``mixup``."""
+        if self.mixup <= 0 or len(x) < 2:
+            return x, y, 1.0
+        lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+        perm = torch.randperm(len(x)).to(x.device)
+        return lam * x + (1.0 - lam) * x[perm], y[perm], lam
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
         """``(1 - alpha) · hard_loss + alpha · T² · KL(teacher ‖ student)`` on the batch ``x``."""
@@ -65,7 +80,7 @@ class Distillation(Callback):
     """Freezes the network at ``epoch`` as the teacher of every later training step.
 
     Args:
-        epoch, temperature, alpha: see ``DistillationArgs``.
+        epoch, temperature, alpha, mixup: see ``DistillationArgs``.
 
     Raises:
         ValueError: an argument out of range (``DistillationArgs``' message).
@@ -74,6 +89,7 @@ class Distillation(Callback):
     def __init__(self, **kwargs: Any) -> None:
         args = validated(DistillationArgs, kwargs, "Distillation")
         self.epoch, self.temperature, self.alpha = args.epoch, args.temperature, args.alpha
+        self.mixup = args.mixup
         self._saved: dict[str, torch.Tensor] | None = None  # the teacher's weights, from a resumed checkpoint
 
     def check(self, model: nn.Module, max_epochs: int) -> dict[str, int]:
@@ -96,8 +112,8 @@ class Distillation(Callback):
             teacher.load_state_dict(self._saved)
         else:
             log.info(f"Distillation: the network at epoch {trainer.current_epoch} is the teacher from now on "
-                     f"(T={self.temperature}, alpha={self.alpha})")
-        pl_module.teacher = Teacher(teacher.eval().requires_grad_(False), self.temperature, self.alpha)
+                     f"(T={self.temperature}, alpha={self.alpha}, mixup={self.mixup})")
+        pl_module.teacher = Teacher(teacher.eval().requires_grad_(False), self.temperature, self.alpha, self.mixup)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
