@@ -29,7 +29,7 @@ from parse_config import (Config, ConfigError, ExportConfig, add_override_args, 
                           overrides_from_args, write_config)
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.export import encode_checkpoint, read_compressed
-from utils import CheckpointError, check_checkpoint_file, count_parameters, load_checkpoint
+from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
 # Writing the run's files failed for a reason the user can fix (full disk, read-only folder, quota).
@@ -185,6 +185,7 @@ def summarize(cfg: Config, run_dir: Path, report: dict[str, Any], stages: Pipeli
         "wall_s": round(wall_s + (stages.earlier_s if stages else 0.0), 1),  # earlier processes of a resumed run
         "stages": [{**vars(s), "wall_s": round(s.wall_s, 1)} for s in stages.stages] if stages else [],
         "run_dir": str(run_dir),
+        "commit": commit_id(),  # the code that finished the run (a resumed run: the last process's)
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

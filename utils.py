@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             nonzero += int(torch.count_nonzero(csr.values())) + (int(torch.count_nonzero(bias)) if bias is not None
                                                                  else 0)
     return total, nonzero
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+def commit_id(root: Path = ROOT) -> str:
+    """``git rev-parse --short HEAD`` of the code in ``root``, ``+dirty`` with changes to tracked files,
+    ``unknown`` without git (or outside a repository): the code a run or a table was made with."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        sha, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if changes else "")

@@ -40,9 +40,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce.py beside this file
 
-from reproduce import ROOT, ReproduceError, commit_id, last_error, path_override, train  # noqa: E402
+from reproduce import ROOT, ReproduceError, last_error, path_override, train  # noqa: E402
 
 from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from utils import commit_id  # noqa: E402
 
 MODELS = ("lenet300", "lenet5")
 COMPRESSION = ("Distillation", "IterativePruning", "Quantization")

@@ -32,8 +32,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, like train.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_tables.py beside this file
 
-from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from results_tables import PAPER_LABEL, ReproduceError, mismatch, plot, table1, table23  # noqa: E402, F401
+
+from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from utils import commit_id  # noqa: E402
 
 MODELS = ("lenet300", "lenet5")
 DATASETS = ("fashionmnist", "mnist")
@@ -69,18 +71,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------- subprocesses
-
-
-def commit_id() -> str:
-    """``git rev-parse --short HEAD``, ``+dirty`` with changes to tracked files, ``unknown`` without git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
-    try:
-        sha, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if changes else "")
 
 
 def last_error(output: str) -> str:
@@ -195,8 +185,10 @@ def load_run(run: Path, need_dcz: bool) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def result_row(summary: dict[str, Any], dcz_top1_err: float | None, commit: str) -> dict[str, Any]:
-    """The results JSON of one run: the ten required keys, then the stage figures and the file's check."""
-    row = {**{k: summary[k] for k in REQUIRED}, "commit": commit}
+    """The results JSON of one run: the ten required keys, then the stage figures and the file's check.
+    ``commit`` is the code the run trained with (its summary's), else (a run from before summaries named it)
+    the code building the tables."""
+    row = {**{k: summary[k] for k in REQUIRED}, "commit": summary.get("commit") or commit}
     return {**row, **{k: summary.get(k) for k in EXTRA}, "dcz_top1_err": dcz_top1_err}
 
 

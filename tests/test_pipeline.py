@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ROOT, StopAfter, load_ckpt, load_script, only_run, tiny_config
 
 import builders
-from helpers import ROOT, StopAfter, load_ckpt, load_script, only_run, tiny_config
+import utils
 from trainer.callbacks.stages import plan_stages
 
 train = load_script("train")
@@ -63,6 +64,7 @@ def test_one_command_from_random_weights_to_a_decoded_dcz(whole_run: tuple[Path,
     pruned = load_ckpt(run / "pruned.ckpt")
     assert not pruned["quant_index"] and int(pruned["masks"]["fc1.weight"].sum()) == round(0.1 * 784 * 300)
     assert [s["name"] for s in summary["stages"]] == ["dense", "prune", "quantize"]
+    assert summary["commit"] == utils.commit_id()  # the code the run trained with
     report = json.loads((run / "compression_report.json").read_text())
     assert summary["dcz_bytes"] == (run / "model.dcz").stat().st_size == report["file"]["bytes"]
     assert summary["rate"] == pytest.approx(summary["dense_bytes"] / summary["dcz_bytes"])

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers import ROOT, compress_like_the_paper, load_script, tiny_config
+
+import utils
 from models import MODELS
 from trainer.export import file_metadata, save_compressed
 
@@ -85,7 +86,7 @@ def test_tables_from_runs_and_the_dcz_check(tmp_path: Path, idx_dir: Path, capsy
     assert std.err.count("warning:") == 1 and "b/model.dcz" in std.err
     summary = json.loads((lenet300 / "summary.json").read_text())
     row = json.loads((out / "lenet300_fashionmnist_tiny300.json").read_text())
-    assert REQUIRED <= set(row) and row["commit"]
+    assert REQUIRED <= set(row) and row["commit"] == utils.commit_id()  # no commit in the summary: the tables'
     assert all(row[k] == summary[k] for k in REQUIRED - {"commit"})
     assert row["dcz_top1_err"] == pytest.approx(summary["top1_err"], abs=0.01)  # the file alone, same error
     assert row["stages"] == summary["stages"] and row["rate_pqh"] == summary["rate_pqh"]
@@ -174,3 +175,10 @@ def test_kinds_pick_the_shipped_recipes(kinds: str, stems: list[str]) -> None:
     args = reproduce.get_args_parser().parse_args(["--models", "lenet300", "--kinds", kinds])
     assert [p.stem for p in reproduce.recipes_to_run(args)] == stems
     assert all(p.is_file() for p in reproduce.recipes_to_run(args))
+
+
+def test_a_row_names_the_code_its_run_trained_with() -> None:
+    summary = {**{k: 1.0 for k in REQUIRED - {"commit"}}, "commit": "abc1234"}
+    assert reproduce.result_row(summary, None, "def5678")["commit"] == "abc1234"
+    del summary["commit"]  # a run from before summaries named their commit: the tables' code
+    assert reproduce.result_row(summary, None, "def5678")["commit"] == "def5678"
