@@ -20,7 +20,7 @@ from torch import nn
 
 from logger import get_logger
 from parse_config import METRICS, Config, ConfigError, instantiate, load_config
-from trainer.callbacks import CALLBACKS, IterativePruning, Quantization
+from trainer.callbacks import CALLBACKS, Distillation, IterativePruning, Quantization
 from trainer.callbacks.stages import PipelineStages, plan_stages
 from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
@@ -98,12 +98,53 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
             raise ConfigError(f"trainer.callbacks.IterativePruning: {', '.join(fixed)} are already quantized, so "
                               f"their masks are fixed; prune from an unquantized checkpoint or select other layers "
                               f"with `layers`")
+        if isinstance(callback, Distillation) and callback.teacher is not None:
+            teacher_config(cfg, callback.teacher)  # a config is trained by train.py, then loaded like a checkpoint
+            if callback.teacher.endswith(".ckpt"):
+                callback.use(load_teacher(cfg, callback.teacher))
         if isinstance(callback, IterativePruning) and callback.splicing and cfg.trainer.precision == "16-mixed":
             raise ConfigError("trainer.callbacks.IterativePruning: splicing steps the pruned weights' shadows with "
                               "the raw gradients, which precision '16-mixed' scales; use '32-true' or 'bf16-mixed'")
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks
+
+
+def teacher_config(cfg: Config, path: str | Path) -> Config:
+    """The config of ``Distillation.teacher`` (a .json, or the one stored with a .ckpt), checked against the run:
+    the same dataset and number of classes, so that its outputs are soft labels of this run's inputs.
+
+    Raises:
+        ConfigError: no such file, a bad config, or another dataset / number of classes.
+    """
+    key = "trainer.callbacks.Distillation.teacher"
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: {path}: no such file (a checkpoint of the teacher, or its config to train it)")
+    try:
+        teacher = load_config(path, None, []) if str(path).endswith(".json") else load_config(None, path, [])
+    except (ConfigError, CheckpointError) as err:
+        raise ConfigError(f"{key}: {path}: {err}") from None
+    mine = (cfg.data_loader.type, int(cfg.arch.args.get("num_classes", 10)))
+    theirs = (teacher.data_loader.type, int(teacher.arch.args.get("num_classes", 10)))
+    if mine != theirs:
+        raise ConfigError(f"{key}: {path} is a teacher for {theirs[0]} with {theirs[1]} classes; this run trains "
+                          f"on {mine[0]} with {mine[1]} classes: pass a teacher of the same data")
+    return teacher
+
+
+def load_teacher(cfg: Config, path: str | Path) -> nn.Module:
+    """The network of a teacher checkpoint, with its weights (checked by ``teacher_config``).
+
+    Raises:
+        ConfigError: see ``teacher_config``; or the weights do not fit the network its config names.
+    """
+    teacher = teacher_config(cfg, path)
+    try:
+        model = build_model(teacher)
+        load_weights(model, load_checkpoint(path), path)
+    except CheckpointError as err:
+        raise ConfigError(f"trainer.callbacks.Distillation.teacher: {err}") from None
+    return model
 
 
 def _check_order(callbacks: list[Callback]) -> None:

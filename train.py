@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 
 from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
-                      load_weights, make_evaluator, pipeline_stages)
-from compression.atomic import atomic_write_text
+                      load_teacher, load_weights, make_evaluator, pipeline_stages)
+from compression.atomic import atomic_write_bytes, atomic_write_text
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
 from parse_config import (Config, ConfigError, ExportConfig, add_override_args, load_config, make_run_dir,
                           overrides_from_args, write_config)
+from trainer.callbacks import Distillation
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.export import encode_checkpoint, read_compressed
 from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
@@ -104,6 +106,7 @@ def train(args: argparse.Namespace) -> int:
         write_config(cfg, run_dir / "config.json")  # the run now continues under this config
     setup_logging(run_dir)
     log = get_logger("train")
+    prepare_teacher(cfg, callbacks, run_dir)
     total, nonzero = count_parameters(lit_model.model)
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
              f"{cfg.data_loader.type}; run folder {run_dir}")
@@ -125,6 +128,38 @@ def train(args: argparse.Namespace) -> int:
         summary = summarize(cfg, run_dir, report, stages, time.monotonic() - started)
         print(format_summary(summary))
     return 0
+
+
+def prepare_teacher(cfg: Config, callbacks: list[pl.Callback], run_dir: Path) -> None:
+    """Loads ``Distillation.teacher`` when it is a config (.json): trained first, by train.py in a process of its
+    own, into ``<run>/teacher/``, its last checkpoint copied to ``<run>/teacher/teacher.ckpt`` once it has
+    finished (a resumed run finds it there and trains nothing; the copy reads with the config stored inside it).
+    A checkpoint teacher was loaded with the callbacks already.
+
+    Raises:
+        ConfigError: the teacher's training failed (its own output says why), or left no single checkpoint.
+    """
+    distill = next((c for c in callbacks if isinstance(c, Distillation)), None)
+    if distill is None or distill.teacher is None or not distill.teacher.endswith(".json"):
+        return
+    folder = run_dir / "teacher"
+    ckpt = folder / "teacher.ckpt"
+    if not ckpt.is_file():  # (DDP workers start after this: rank 0 has written it)
+        get_logger("train").info(f"Distillation: training the teacher {distill.teacher} first, into {folder}")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "-c", distill.teacher,
+               "--set", f"trainer.save_dir={json.dumps(str(folder))}",
+               "--set", f"trainer.progress_bar={json.dumps(cfg.trainer.progress_bar)}"]
+        for key in ("data_dir", "download"):  # the run's data, as its command line set it
+            if key in cfg.data_loader.args:
+                cmd += ["--set", f"data_loader.args.{key}={json.dumps(cfg.data_loader.args[key])}"]
+        code = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL).returncode
+        found = sorted(folder.glob("*/*/last.ckpt"))
+        if code != 0 or len(found) != 1:
+            raise ConfigError(f"trainer.callbacks.Distillation.teacher: training {distill.teacher} failed (exit "
+                              f"{code}, {len(found)} checkpoints under {folder}; its output above says why): fix "
+                              f"it, or train it yourself and pass its last.ckpt as the teacher")
+        atomic_write_bytes(ckpt, found[0].read_bytes())
+    distill.use(load_teacher(cfg, ckpt))
 
 
 def export(trainer: pl.Trainer, run_dir: Path, options: ExportConfig) -> dict[str, Any]:

@@ -11,11 +11,13 @@ switching one technique on at a time:
 1. ``paper``: the paper-faithful recipe's keep ratios and bits (``*_pipeline.json``), Huffman coding;
 2. ``+ sparser, fewer bits``: the beyond recipe's keep ratios and bits, still Huffman, no teacher;
 3. ``+ distillation``: the dense model teaches the compressed one (``Distillation``);
-4. ``+ range codec``: row 3's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
+3b. ``+ <Arch> teacher`` (when the recipe names a ``Distillation.teacher``): that other network teaches instead,
+   trained once (``train.py -c`` its config into ``--save-dir``/teacher) unless ``--teacher CKPT`` gives it;
+4. ``+ range codec``: the last taught row's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
    error is the file's, biases rounded);
-6. ``+ shared biases``: row 3's cycle trained again with the recipe's ``Quantization.bias_bits`` (the long
+6. ``+ shared biases``: that cycle trained again with the recipe's ``Quantization.bias_bits`` (the long
    biases share a fine-tuned codebook), range-coded with float16 for the short ones: the beyond recipe's
    compression cycle as shipped.
 
@@ -58,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep-ratio multipliers of the curve's points, comma-separated (1.0: the table)")
     parser.add_argument("--save-dir", default=str(ROOT / "runs" / "ablation"), help="where the runs go")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the tables go")
+    parser.add_argument("--teacher", default=None, metavar="CKPT",
+                        help="checkpoint of the recipe's Distillation.teacher (default: train its config once)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fits trained at once, each with CPUs / jobs torch threads unless OMP_NUM_THREADS is "
                              "set (the rows are independent: 2 on 2 cores saves wall time, changes no row)")
@@ -75,9 +79,12 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
 
 
 def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
-                      distill: bool, codec: str, shared_biases: bool = False) -> dict[str, Any]:
+                      distill: bool, codec: str, shared_biases: bool = False,
+                      teacher: Path | None = None) -> dict[str, Any]:
     """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
-    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases)."""
+    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases).
+    With ``distill``, ``teacher`` (a checkpoint) teaches, else the dense model itself (the recipe's own
+    ``Distillation.teacher`` never: it would be trained again by every row)."""
     cfg = copy.deepcopy(beyond)
     shift = first_compression_epoch(cfg)
     cbs = cfg["trainer"]["callbacks"]
@@ -88,6 +95,9 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
         cbs["Quantization"].pop("bias_bits", None)
     if distill:
         cbs["Distillation"]["epoch"] -= shift
+        cbs["Distillation"].pop("teacher", None)
+        if teacher is not None:
+            cbs["Distillation"]["teacher"] = str(teacher)
     else:
         cbs.pop("Distillation", None)
     cfg["trainer"]["max_epochs"] -= shift
@@ -122,6 +132,40 @@ def train_dense(beyond: dict[str, Any], save_dir: Path) -> Path:
     if proc.returncode != 0 or len(new) != 1:
         raise ReproduceError(f"dense training failed (exit {proc.returncode}): {last_error(proc.stdout + proc.stderr)}")
     return new[0] / "last.ckpt"
+
+
+def teacher_arch(teacher: Path) -> str:
+    """The architecture of a teacher checkpoint, from its run folder's config.json ("another network" without)."""
+    config = teacher.parent / "config.json"
+    try:
+        return str(json.loads(config.read_text())["arch"]["type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another network"
+
+
+def find_teacher(args: argparse.Namespace, beyond: dict[str, Any], save_dir: Path) -> Path | None:
+    """The recipe's other teacher as a checkpoint: ``--teacher``, else its config trained once (None: the
+    recipe has none)."""
+    named = (beyond["trainer"]["callbacks"].get("Distillation") or {}).get("teacher")
+    if args.teacher:
+        path = Path(args.teacher).expanduser().resolve()
+        if not path.is_file():
+            raise ReproduceError(f"--teacher {path}: no such checkpoint")
+        return path
+    if not named:
+        return None
+    if named.endswith(".ckpt"):
+        return ROOT / named
+    folder = save_dir / "teacher"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(ROOT / named), "--set", "trainer.progress_bar=\"none\""]
+    cmd += path_override("trainer.save_dir", folder)
+    before = set(folder.glob("*/*/last.ckpt"))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    new = sorted(set(folder.glob("*/*/last.ckpt")) - before)
+    if proc.returncode != 0 or len(new) != 1:
+        raise ReproduceError(f"training the teacher {named} failed (exit {proc.returncode}): "
+                             f"{last_error(proc.stdout + proc.stderr)}")
+    return new[0]
 
 
 def run_row(cfg: dict[str, Any], save_dir: Path) -> dict[str, Any]:
@@ -162,7 +206,8 @@ def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str,
         keep = " / ".join(f"{k} {100 * v:g}%" for k, v in r["keep"].items())
         bits = " / ".join(f"{k} {v}" for k, v in r["bits"].items())
         biases = r.get("raw_dtype", "float32") + (f", long ones {r['bias_bits']}-bit" if r.get("bias_bits") else "")
-        lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {'yes' if r['distill'] else 'no'} | "
+        teacher = r.get("teacher") or ("itself" if r["distill"] else "no")
+        lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {teacher} | "
                      f"{biases} | "
                      f"{r['dcz_bytes']:,} | **{r['rate']:.1f}×** | {r['top1_err']:.2f} % | "
                      f"{r['top1_err'] - dense_err:+.2f} pt |")
@@ -194,8 +239,8 @@ def plot(model: str, dense_err: float, points: dict[str, list[tuple[float, float
     return buf.getvalue()
 
 
-def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str, Any],
-              dense: Path) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str, Any], dense: Path,
+              teacher: Path | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """Every fit of the table and the curve, in table order: ``(tag, config, row fields)``."""
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if 1.0 not in scales or any(s <= 0 for s in scales):
@@ -205,20 +250,27 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
     ours_bits = beyond["trainer"]["callbacks"]["Quantization"]["bits"]
     paper_keep = paper["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
     paper_bits = paper["trainer"]["callbacks"]["Quantization"]["bits"]
-    variants = [("paper", paper_keep, paper_bits, False), ("+ sparser, fewer bits", ours_keep, ours_bits, False),
-                ("+ distillation", ours_keep, ours_bits, True)]
+    variants = [("paper", paper_keep, paper_bits, False, None),
+                ("+ sparser, fewer bits", ours_keep, ours_bits, False, None),
+                ("+ distillation", ours_keep, ours_bits, True, None)]
+    if teacher is not None:
+        arch = teacher_arch(teacher)
+        variants.append((f"+ {arch} teacher", ours_keep, ours_bits, True, teacher))
+    last_taught = variants[-1][0]
     fits = []
     for scale in scales:
-        for i, (name, keep, bits, distill) in enumerate(variants):
-            if scale != 1.0 and i == 1:
-                continue  # the curve compares the two recipes; the middle row is the table's only
+        for i, (name, keep, bits, distill, by) in enumerate(variants):
+            if scale != 1.0 and name not in ("paper", last_taught):
+                continue  # the curve compares the two recipes; the middle rows are the table's only
             keep = scaled(keep, scale)
             tag = f"{args.model}_ablation_{i + 1}" + ("" if scale == 1.0 else f"_x{scale:g}")
-            fields = {"keep": keep, "bits": bits, "scale": scale, "index": i}
-            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman"),
+            fields = {"keep": keep, "bits": bits, "scale": scale, "index": i, "last_taught": name == last_taught,
+                      "teacher": "no" if not distill else "itself" if by is None else teacher_arch(by)}
+            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by),
                          {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
-            if distill:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
-                cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True)
+            if name == last_taught:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
+                cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True,
+                                        teacher=by)
                 fits.append((tag + "_biases", cfg, {
                     **fields, "recipe": "+ shared biases", "distill": True, "codec": "range",
                     "raw_dtype": cfg["export"]["raw_dtype"],
@@ -246,16 +298,17 @@ def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict
     dense = Path(args.dense).expanduser().resolve() if args.dense else train_dense(beyond, save_dir)
     if not dense.is_file():
         raise ReproduceError(f"--dense {dense}: no such checkpoint")
-    fits = plan_rows(args, beyond, paper, dense)
+    teacher = find_teacher(args, beyond, save_dir)
+    fits = plan_rows(args, beyond, paper, dense, teacher)
     done = run_fits(fits, save_dir, args.jobs)
     rows, points = [], {}
     for tag, _, fields in fits:
         row = done[tag]
         if fields["scale"] == 1.0:
             rows.append(row)
-            if fields["recipe"] == "+ distillation":  # the same checkpoint, range-coded, then float16 biases
+            if fields.get("last_taught"):  # the same checkpoint, range-coded, then float16 biases
                 rows += [recode(row, "+ range codec", "float32"), recode(row, "+ float16 biases", "float16")]
-        if fields["index"] != 1 and fields["recipe"] != "+ distillation":  # the paper's and the shipped recipe's
+        if fields["recipe"] in ("paper", "+ shared biases"):  # the paper's and the shipped recipe's
             label = "ours, beyond the paper" if fields["distill"] else "paper-faithful (Han 2016)"
             points.setdefault(label, []).append((row["rate"], row["top1_err"]))
     dense_err = rows[0]["dense_top1_err"]
@@ -279,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/ablation.py", *argv])
     text = table(args.model, dense_err, rows, commit, command)
-    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "bias_bits", "distill", "dcz_bytes", "rate", "top1_err",
-            "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
+    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "bias_bits", "distill", "teacher", "dcz_bytes", "rate",
+            "top1_err", "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
     data = {"model": args.model, "commit": commit, "command": command,
             "rows": [{k: r.get(k) for k in keys} for r in rows],
             "curve": {k: [list(p) for p in sorted(v)] for k, v in points.items()}}

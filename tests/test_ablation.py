@@ -33,6 +33,12 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
     assert plan_stages(30, [0, 16], 20)[0].name == "prune"
     # bias_bits and the recipe's raw_dtype only in the last row (the recipe as shipped)
     assert "bias_bits" not in taught["trainer"]["callbacks"]["Quantization"] and taught["export"]["raw_dtype"] == "float32"
+    # the recipe's own teacher (a config every row would train again) never; a checkpoint when given
+    assert beyond["trainer"]["callbacks"]["Distillation"]["teacher"].endswith(".json")
+    assert "teacher" not in taught["trainer"]["callbacks"]["Distillation"]
+    other = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range",
+                                       teacher=Path("/t/last.ckpt"))
+    assert other["trainer"]["callbacks"]["Distillation"]["teacher"] == "/t/last.ckpt"
     shipped = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range", True)
     assert shipped["trainer"]["callbacks"]["Quantization"]["bias_bits"] == \
         beyond["trainer"]["callbacks"]["Quantization"]["bias_bits"]
@@ -62,6 +68,21 @@ def test_plan_lists_every_fit_once_in_table_order() -> None:
     assert all(cfg["name"] == tag for tag, cfg, _ in fits)
     ours = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
     assert fits[5][2]["keep"] == ablation.scaled(ours, 1.4) and fits[5][2]["distill"]
+    assert [f["teacher"] for _, _, f in fits[:4]] == ["no", "no", "itself", "itself"]
+
+
+def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Path) -> None:
+    beyond, paper = ablation.read_recipe("lenet300", "beyond"), ablation.read_recipe("lenet300", "pipeline")
+    (tmp_path / "config.json").write_text('{"arch": {"type": "LeNet5"}}')  # the teacher's run folder
+    teacher = tmp_path / "last.ckpt"
+    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), teacher)
+    assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
+                                                 "+ LeNet5 teacher", "+ shared biases"]
+    assert [f["teacher"] for _, _, f in fits] == ["no", "no", "itself", "LeNet5", "LeNet5"]
+    assert [cfg["trainer"]["callbacks"].get("Distillation", {}).get("teacher") for _, cfg, _ in fits] == [
+        None, None, None, str(teacher), str(teacher)]
+    assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, True]
+    assert ablation.teacher_arch(tmp_path / "elsewhere" / "x.ckpt") == "another network"
 
 
 def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import StopAfter, assert_resume_equals_whole, load_ckpt, whole_and_cut_runs, write_config
+from helpers import (StopAfter, assert_resume_equals_whole, last_ckpt, load_ckpt, only_run, tiny_config, whole_and_cut_runs,
+                     write_config)
 from test_callbacks_trainer import fit, tiny_module
 
 import builders
@@ -131,3 +132,67 @@ def test_config_refuses_a_negative_mixup(tmp_path: Path, idx_dir: Path) -> None:
     path = write_config(tmp_path, idx_dir, "bad", {"Distillation": {"mixup": -1}}, max_epochs=3)
     with pytest.raises(ConfigError, match=r"trainer\.callbacks\.Distillation\.mixup: must be >= 0"):
         parse_config(json.loads(path.read_text()))
+
+
+def lenet5_teacher(tmp_path: Path, idx_dir: Path) -> tuple[Path, Path]:
+    """A tiny LeNet-5 config on the tiny data, and the last.ckpt of one epoch of it (trained by train.py)."""
+    import train
+
+    cfg = tiny_config(idx_dir, tmp_path / "teacher_runs", max_epochs=1)
+    cfg["arch"] = {"type": "LeNet5", "args": {}}
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path)]) == 0
+    return path, only_run(tmp_path / "teacher_runs") / "last.ckpt"
+
+
+def test_another_network_teaches_and_a_resume_keeps_it(tmp_path: Path, idx_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ckpt = lenet5_teacher(tmp_path, idx_dir)
+    callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "teacher": str(ckpt)}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=4, stop_after=2)
+    stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
+    lenet5 = network_state(load_ckpt(ckpt))
+    assert "conv1.weight" in stored["teacher"] and set(stored["teacher"]) == set(lenet5)  # the LeNet-5, not itself
+    assert all(torch.equal(stored["teacher"][k], v) for k, v in lenet5.items())
+    assert_resume_equals_whole(whole, run)
+    own = write_config(tmp_path, idx_dir, "own", CALLBACKS, max_epochs=4)  # its own dense model teaching instead
+    import train
+    assert train.main(["-c", str(own)]) == 0
+    assert not torch.equal(last_ckpt(tmp_path / "own")["state_dict"]["model.fc1.weight"],
+                           load_ckpt(whole / "last.ckpt")["state_dict"]["model.fc1.weight"])
+
+
+def test_a_teacher_config_is_trained_first_and_once(tmp_path: Path, idx_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _ = lenet5_teacher(tmp_path, idx_dir)
+    callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "teacher": str(config)}}
+    # killed after epoch 0, before the teacher (epoch 1) was taken: the resume must find the trained one
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=3, stop_after=0)
+    (trained,) = (run / "teacher").glob("*/*/last.ckpt")  # its own folder inside the run
+    assert (run / "teacher" / "teacher.ckpt").read_bytes() == trained.read_bytes()
+    assert not any("Distillation" in k for k in load_ckpt(run / "last.ckpt")["callbacks"])  # not taken yet
+    assert_resume_equals_whole(whole, run)
+    assert len(list((run / "teacher").glob("*/*"))) == 1  # nothing trained again
+    stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
+    assert all(torch.equal(stored["teacher"][k], v) for k, v in network_state(load_ckpt(trained)).items())
+
+
+def test_config_checks_the_teacher_early(tmp_path: Path, idx_dir: Path) -> None:
+    def error(teacher: str) -> str:
+        path = write_config(tmp_path, idx_dir, "bad", {"Distillation": {"teacher": teacher}}, max_epochs=3)
+        cfg = parse_config(json.loads(path.read_text()))
+        with pytest.raises(ConfigError) as err:
+            builders.build_config_callbacks(cfg, builders.build_model(cfg))
+        return str(err.value)
+
+    assert "no such file" in error(str(tmp_path / "missing.ckpt"))
+    other = tiny_config(idx_dir, tmp_path / "x")
+    other["data_loader"]["type"] = "MNIST"
+    (tmp_path / "mnist.json").write_text(json.dumps(other))
+    assert "is a teacher for MNIST with 10 classes; this run trains on FashionMNIST" in error(str(tmp_path / "mnist.json"))
+    (tmp_path / "broken.json").write_text("{")
+    assert "trainer.callbacks.Distillation.teacher" in error(str(tmp_path / "broken.json"))
+    with pytest.raises(ConfigError, match=r"Distillation\.teacher: .*expected null .*\.ckpt.*\.json"):
+        parse_config({**tiny_config(idx_dir, tmp_path), "trainer": {
+            **tiny_config(idx_dir, tmp_path)["trainer"], "callbacks": {"Distillation": {"teacher": "t.dcz"}}}})

@@ -12,7 +12,11 @@ With ``mixup: a`` > 0 each training step first mixes its batch with a shuffled c
 (1 - λ) x[perm]``, ``λ ~ Beta(a, a)`` one per batch (Zhang et al. 2018, arXiv 1710.09412), and both networks
 see ``x'``: the teacher's soft targets on points between the training images are the extra signal
 ("function matching", Beyer et al. 2022, arXiv 2106.05237); the hard term becomes ``λ CE(y) + (1 - λ)
-CE(y[perm])``. λ and perm come from torch's generator, which every checkpoint saves. The
+CE(y[perm])``. λ and perm come from torch's generator, which every checkpoint saves.
+
+With ``teacher`` the teacher is another network instead (any of the zoo trained on the same data: e.g. a
+LeNet-5 teaching a LeNet-300-100), handed over by the config layer (``builders.load_teacher``) as a
+checkpoint, or a config that ``train.py`` trains first into ``<run>/teacher/``. The
 teacher's weights are part of the callback's checkpoint state, so ``train.py -r`` resumes with the same
 teacher; evaluation (val / test) and the ``.dcz`` file never involve it.
 """
@@ -27,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from typing_extensions import override
 
@@ -47,6 +51,15 @@ class DistillationArgs(StrictArgs):
     temperature: float = Field(4.0, gt=0)  # T: softens both distributions (Hinton: 2-20)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) term; 1 - alpha on the labels
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) of the mixing weight of the training batches; 0: no mixing
+    teacher: str | None = None  # null: the network at `epoch`; else another one: a .ckpt, or a .json train.py trains
+
+    @field_validator("teacher")
+    @classmethod
+    def _a_checkpoint_or_a_config(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith((".ckpt", ".json")):
+            raise ValueError(f"{value!r}: expected null (the network itself at `epoch`), a checkpoint (.ckpt) or a "
+                             "config (.json, trained first)")
+        return value
 
 
 @dataclass
@@ -80,7 +93,7 @@ class Distillation(Callback):
     """Freezes the network at ``epoch`` as the teacher of every later training step.
 
     Args:
-        epoch, temperature, alpha, mixup: see ``DistillationArgs``.
+        epoch, temperature, alpha, mixup, teacher: see ``DistillationArgs``.
 
     Raises:
         ValueError: an argument out of range (``DistillationArgs``' message).
@@ -89,7 +102,8 @@ class Distillation(Callback):
     def __init__(self, **kwargs: Any) -> None:
         args = validated(DistillationArgs, kwargs, "Distillation")
         self.epoch, self.temperature, self.alpha = args.epoch, args.temperature, args.alpha
-        self.mixup = args.mixup
+        self.mixup, self.teacher = args.mixup, args.teacher
+        self.network: nn.Module | None = None  # the other network of `teacher`, once loaded (see use())
         self._saved: dict[str, torch.Tensor] | None = None  # the teacher's weights, from a resumed checkpoint
 
     def check(self, model: nn.Module, max_epochs: int) -> dict[str, int]:
@@ -103,15 +117,23 @@ class Distillation(Callback):
                              f"(trainer.max_epochs={max_epochs})")
         return {}
 
+    def use(self, network: nn.Module) -> None:
+        """The other network that ``teacher`` names, loaded with its weights (by the config layer)."""
+        self.network = network
+
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if pl_module.teacher is not None or trainer.current_epoch < self.epoch:
             return
-        teacher = copy.deepcopy(pl_module.model)
+        if self.teacher is not None and self.network is None:
+            raise RuntimeError(f"Distillation: teacher {self.teacher} was not loaded (call use() first)")
+        teacher = copy.deepcopy(pl_module.model if self.network is None else self.network).to(pl_module.device)
         if self._saved is not None:  # resumed after the teacher was taken: the same teacher again
             teacher.load_state_dict(self._saved)
         else:
-            log.info(f"Distillation: the network at epoch {trainer.current_epoch} is the teacher from now on "
+            who = (f"the network at epoch {trainer.current_epoch}" if self.network is None
+                   else f"{type(teacher).__name__} from {self.teacher}")
+            log.info(f"Distillation: {who} is the teacher from now on "
                      f"(T={self.temperature}, alpha={self.alpha}, mixup={self.mixup})")
         pl_module.teacher = Teacher(teacher.eval().requires_grad_(False), self.temperature, self.alpha, self.mixup)
 
