@@ -63,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="where the runs go (default: runs/reproduce/ in the repository)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                         help="where the tables go (default: benchmarks/results/ in the repository)")
+    parser.add_argument("--with-rows", nargs="+", default=[], metavar="ROW_JSON",
+                        help="result rows written earlier (<model>_<dataset>_<recipe>.json) that join table1.md and "
+                             "the curve as they are (no run folder: no per-layer table, no file check)")
     parser.add_argument("--from-runs", nargs="+", default=None, metavar="RUN_DIR",
                         help="skip training: build the tables from these finished run folders")
     parser.add_argument("--no-check", action="store_true", default=False,
@@ -192,6 +195,25 @@ def result_row(summary: dict[str, Any], dcz_top1_err: float | None, commit: str)
     return {**row, **{k: summary.get(k) for k in EXTRA}, "dcz_top1_err": dcz_top1_err}
 
 
+def earlier_rows(paths: list[str], new: set[str]) -> list[dict[str, Any]]:
+    """The ``--with-rows`` files, checked for the keys the tables use; none may be a row this call writes.
+
+    Raises:
+        ReproduceError: an unreadable file, missing keys, or the same model, dataset and recipe as a new row.
+    """
+    rows = []
+    for name in paths:
+        path = Path(name).expanduser().resolve()
+        row = read_json(path)
+        missing = [k for k in (*REQUIRED, "pruned_top1_err", "dcz_top1_err") if k not in row]
+        if missing:
+            raise ReproduceError(f"--with-rows {path}: not a result row (missing {', '.join(missing)})")
+        if row_file(row) in new:
+            raise ReproduceError(f"--with-rows {path}: the runs given make this row again; pass one of them")
+        rows.append(row)
+    return rows
+
+
 def row_file(row: dict[str, Any]) -> str:
     """``<model>_<dataset>_<recipe>.json``, lowercased; a recipe named after its model and dataset already
     (``lenet300_fashionmnist_pipeline``) is not prefixed twice."""
@@ -262,10 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     commit, out = commit_id(), Path(args.out).expanduser().resolve()
     try:  # everything is measured and rendered before the first file is written
         rows, loaded = collect(args, commit)
+        earlier = earlier_rows(args.with_rows, {row_file(r) for r in rows})
         files = {out / row_file(r): json.dumps(r, indent=2) + "\n" for r in rows}
-        files[out / "table1.md"] = text = table1(rows, commit, shlex.join(["python", "benchmarks/reproduce.py", *argv]))
-        files[out / "table23.md"] = table23(loaded)
-        png = plot(rows)
+        files[out / "table1.md"] = text = table1(rows + earlier, commit,
+                                                 shlex.join(["python", "benchmarks/reproduce.py", *argv]))
+        files[out / "table23.md"] = table23(loaded) + "".join(
+            f"\n{row['model']} on {row['dataset']} ({row['recipe']}): a row from an earlier run (`--with-rows`, "
+            f"trained at commit {row.get('commit', 'unknown')}); its per-layer table was built with it.\n"
+            for row in earlier)
+        png = plot(rows + earlier)
     except ReproduceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

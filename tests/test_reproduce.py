@@ -182,3 +182,23 @@ def test_a_row_names_the_code_its_run_trained_with() -> None:
     assert reproduce.result_row(summary, None, "def5678")["commit"] == "abc1234"
     del summary["commit"]  # a run from before summaries named their commit: the tables' code
     assert reproduce.result_row(summary, None, "def5678")["commit"] == "def5678"
+
+
+def test_rows_of_earlier_runs_join_the_tables(tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lenet300 = fake_run(tmp_path / "runs" / "a", idx_dir, "LeNet300", "tiny300", capsys)
+    lenet5 = fake_run(tmp_path / "runs" / "b", idx_dir, "LeNet5", "Tiny5", capsys)
+    first, out = tmp_path / "first", tmp_path / "out"
+    assert reproduce.main(["--from-runs", str(lenet5), "--out", str(first), "--no-check"]) == 0
+    row5 = first / "lenet5_fashionmnist_tiny5.json"
+    assert reproduce.main(["--from-runs", str(lenet300), "--with-rows", str(row5), "--out", str(out), "--no-check"]) == 0
+    table = (out / "table1.md").read_text().split(f"## {reproduce.PAPER_LABEL}")[0]
+    assert "| LeNet-300-100 | FashionMNIST | tiny300 |" in table and "| LeNet-5 | FashionMNIST | Tiny5 |" in table
+    assert "Tiny5): a row from an earlier run" in (out / "table23.md").read_text()
+    assert not (out / "lenet5_fashionmnist_tiny5.json").exists()  # an input, not rewritten
+    capsys.readouterr()
+    assert reproduce.main(["--from-runs", str(lenet5), "--with-rows", str(row5), "--out", str(out), "--no-check"]) == 2
+    assert "the runs given make this row again" in capsys.readouterr().err
+    (tmp_path / "partial.json").write_text('{"model": "LeNet5"}')
+    assert reproduce.main(["--from-runs", str(lenet300), "--with-rows", str(tmp_path / "partial.json"), "--out",
+                           str(out), "--no-check"]) == 2
+    assert "not a result row (missing dataset" in capsys.readouterr().err
