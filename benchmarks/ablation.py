@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce.py beside 
 from reproduce import ROOT, ReproduceError, last_error, path_override, train  # noqa: E402
 
 from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from parse_config import ConfigError, parse_config  # noqa: E402
 from utils import commit_id  # noqa: E402
 
 MODELS = ("lenet300", "lenet5")
@@ -62,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the tables go")
     parser.add_argument("--teacher", default=None, metavar="CKPT",
                         help="checkpoint of the recipe's Distillation.teacher (default: train its config once)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take fits already finished under --save-dir with the same config (an interrupted or "
+                             "earlier ablation) instead of training them again")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fits trained at once, each with CPUs / jobs torch threads unless OMP_NUM_THREADS is "
                              "set (the rows are independent: 2 on 2 cores saves wall time, changes no row)")
@@ -272,20 +276,40 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
                 cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True,
                                         teacher=by)
                 fits.append((tag + "_biases", cfg, {
-                    **fields, "recipe": "+ shared biases", "distill": True, "codec": "range",
+                    **fields, "last_taught": False, "recipe": "+ shared biases", "distill": True, "codec": "range",
                     "raw_dtype": cfg["export"]["raw_dtype"],
                     "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
     return fits
 
 
+def finished_run(cfg: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    """The row of a finished run of ``cfg`` under ``folder`` (its config equal, a summary.json), else None."""
+    def settings(raw: dict[str, Any]) -> dict[str, Any]:  # all but where the run went and how it looked
+        dump = parse_config(raw).model_dump(mode="json")
+        dump["trainer"].pop("save_dir"), dump["trainer"].pop("progress_bar")
+        return dump
+
+    for summary in sorted(folder.glob(f"{cfg['name']}/*/summary.json")):
+        run = summary.parent
+        try:
+            same = settings(json.loads((run / "config.json").read_text())) == settings(cfg)
+        except (OSError, ValueError, ConfigError):
+            same = False
+        if same:
+            return {**json.loads(summary.read_text()), "run_dir": str(run)}
+    return None
+
+
 def run_fits(fits: list[tuple[str, dict[str, Any], dict[str, Any]]], save_dir: Path,
-             jobs: int) -> dict[str, dict[str, Any]]:
-    """Trains every fit (``jobs`` at a time, each in a folder of its own); returns their rows by tag."""
+             jobs: int, reuse: bool = False) -> dict[str, dict[str, Any]]:
+    """Trains every fit (``jobs`` at a time, each in a folder of its own); returns their rows by tag. With
+    ``reuse``, a fit already finished under ``save_dir`` with the same config is taken as it is."""
     def one(fit: tuple[str, dict[str, Any], dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         tag, cfg, fields = fit
         folder = save_dir / tag if jobs > 1 else save_dir  # train() finds a run as the one new folder
         folder.mkdir(parents=True, exist_ok=True)
-        return tag, {**run_row(cfg, folder), **fields}
+        done = finished_run(cfg, folder) if reuse else None
+        return tag, {**(done or run_row(cfg, folder)), **fields}
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each worker waits on its own train.py process
         return dict(pool.map(one, fits))
@@ -300,7 +324,7 @@ def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict
         raise ReproduceError(f"--dense {dense}: no such checkpoint")
     teacher = find_teacher(args, beyond, save_dir)
     fits = plan_rows(args, beyond, paper, dense, teacher)
-    done = run_fits(fits, save_dir, args.jobs)
+    done = run_fits(fits, save_dir, args.jobs, args.reuse)
     rows, points = [], {}
     for tag, _, fields in fits:
         row = done[tag]
