@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import builders
@@ -81,7 +82,7 @@ def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Pat
     assert [f["teacher"] for _, _, f in fits] == ["no", "no", "itself", "LeNet5", "LeNet5"]
     assert [cfg["trainer"]["callbacks"].get("Distillation", {}).get("teacher") for _, cfg, _ in fits] == [
         None, None, None, str(teacher), str(teacher)]
-    assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, True]
+    assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, False]  # recoded once, not twice
     assert ablation.teacher_arch(tmp_path / "elsewhere" / "x.ckpt") == "another network"
 
 
@@ -101,3 +102,19 @@ def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path, monke
     ablation.run_fits(fits[:1], tmp_path, jobs=1)
     assert seen == [("t0", tmp_path)]
     assert ablation.main(["--jobs", "0"]) == 2
+
+
+def test_reuse_takes_a_finished_fit_with_the_same_config_only(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    beyond = ablation.read_recipe("lenet300", "beyond")
+    cfg = ablation.compression_cycle(beyond, Path("/d/dense.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range")
+    run = tmp_path / "row" / "20261202-000000"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**cfg, "trainer": {**cfg["trainer"], "save_dir": "/x",
+                                                                     "progress_bar": "none"}}))
+    (run / "summary.json").write_text(json.dumps({"top1_err": 1.5}))
+    assert ablation.finished_run(cfg, tmp_path) == {"top1_err": 1.5, "run_dir": str(run)}
+    other = {**cfg, "seed": 1}
+    assert ablation.finished_run(other, tmp_path) is None  # another config: trained, not taken
+    monkeypatch.setattr(ablation, "run_row", lambda c, folder: {"top1_err": 9.0})
+    done = ablation.run_fits([("a", cfg, {}), ("b", other, {})], tmp_path, jobs=1, reuse=True)
+    assert done["a"]["top1_err"] == 1.5 and done["b"]["top1_err"] == 9.0
