@@ -98,10 +98,13 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
             raise ConfigError(f"trainer.callbacks.IterativePruning: {', '.join(fixed)} are already quantized, so "
                               f"their masks are fixed; prune from an unquantized checkpoint or select other layers "
                               f"with `layers`")
-        if isinstance(callback, Distillation) and callback.teacher is not None:
-            teacher_config(cfg, callback.teacher)  # a config is trained by train.py, then loaded like a checkpoint
-            if callback.teacher.endswith(".ckpt"):
-                callback.use(load_teacher(cfg, callback.teacher))
+        if isinstance(callback, Distillation):
+            for i, member in enumerate(callback.members):
+                if member == "self":
+                    continue
+                teacher_config(cfg, member)  # a config is trained by train.py, then loaded like a checkpoint
+                if member.endswith(".ckpt"):
+                    callback.use(load_teacher(cfg, member), i)
         if isinstance(callback, IterativePruning) and callback.splicing and cfg.trainer.precision == "16-mixed":
             raise ConfigError("trainer.callbacks.IterativePruning: splicing steps the pruned weights' shadows with "
                               "the raw gradients, which precision '16-mixed' scales; use '32-true' or 'bf16-mixed'")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
-                      load_teacher, load_weights, make_evaluator, pipeline_stages)
+                      load_teacher, load_weights, make_evaluator, pipeline_stages, teacher_config)
 from compression.atomic import atomic_write_bytes, atomic_write_text
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
@@ -131,35 +131,54 @@ def train(args: argparse.Namespace) -> int:
 
 
 def prepare_teacher(cfg: Config, callbacks: list[pl.Callback], run_dir: Path) -> None:
-    """Loads ``Distillation.teacher`` when it is a config (.json): trained first, by train.py in a process of its
-    own, into ``<run>/teacher/``, its last checkpoint copied to ``<run>/teacher/teacher.ckpt`` once it has
-    finished (a resumed run finds it there and trains nothing; the copy reads with the config stored inside it).
-    A checkpoint teacher was loaded with the callbacks already.
+    """Loads each member of ``Distillation.teacher`` that is a config (.json): trained first, by train.py in a
+    process of its own, into ``<run>/teacher/`` (member 0) or ``<run>/teacher_<i>/`` (member i), its last
+    checkpoint copied to ``teacher.ckpt`` there once it has finished (a resumed run finds it and trains nothing;
+    the copy reads with the config stored inside it). Checkpoint members were loaded with the callbacks already.
 
     Raises:
-        ConfigError: the teacher's training failed (its own output says why), or left no single checkpoint.
+        ConfigError: a teacher's training failed (its own output says why), or left no single checkpoint.
     """
     distill = next((c for c in callbacks if isinstance(c, Distillation)), None)
-    if distill is None or distill.teacher is None or not distill.teacher.endswith(".json"):
+    if distill is None:
         return
-    folder = run_dir / "teacher"
-    ckpt = folder / "teacher.ckpt"
-    if not ckpt.is_file():  # (DDP workers start after this: rank 0 has written it)
-        get_logger("train").info(f"Distillation: training the teacher {distill.teacher} first, into {folder}")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "-c", distill.teacher,
-               "--set", f"trainer.save_dir={json.dumps(str(folder))}",
-               "--set", f"trainer.progress_bar={json.dumps(cfg.trainer.progress_bar)}"]
-        for key in ("data_dir", "download"):  # the run's data, as its command line set it
-            if key in cfg.data_loader.args:
-                cmd += ["--set", f"data_loader.args.{key}={json.dumps(cfg.data_loader.args[key])}"]
-        code = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL).returncode
-        found = sorted(folder.glob("*/*/last.ckpt"))
-        if code != 0 or len(found) != 1:
-            raise ConfigError(f"trainer.callbacks.Distillation.teacher: training {distill.teacher} failed (exit "
-                              f"{code}, {len(found)} checkpoints under {folder}; its output above says why): fix "
-                              f"it, or train it yourself and pass its last.ckpt as the teacher")
-        atomic_write_bytes(ckpt, found[0].read_bytes())
-    distill.use(load_teacher(cfg, ckpt))
+    for i, member in enumerate(distill.members):
+        if not member.endswith(".json"):
+            continue
+        folder = run_dir / teacher_folder(i)
+        ckpt = folder / "teacher.ckpt"
+        if not ckpt.is_file():  # (DDP workers start after this: rank 0 has written it)
+            get_logger("train").info(f"Distillation: training the teacher {member} first, into {folder}")
+            cmd = teacher_command(member, teacher_config(cfg, member).seed, i, folder, cfg.trainer.progress_bar)
+            for key in ("data_dir", "download"):  # the run's data, as its command line set it
+                if key in cfg.data_loader.args:
+                    cmd += ["--set", f"data_loader.args.{key}={json.dumps(cfg.data_loader.args[key])}"]
+            code = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL).returncode
+            found = sorted(folder.glob("*/*/last.ckpt"))
+            if code != 0 or len(found) != 1:
+                raise ConfigError(f"trainer.callbacks.Distillation.teacher: training {member} failed (exit {code}, "
+                                  f"{len(found)} checkpoints under {folder}; its output above says why): fix it, "
+                                  f"or train it yourself and pass its last.ckpt as the teacher")
+            atomic_write_bytes(ckpt, found[0].read_bytes())
+        distill.use(load_teacher(cfg, ckpt), i)
+
+
+def teacher_folder(member: int) -> str:
+    """Where member ``member`` of ``Distillation.teacher``, a config, is trained (inside the run's folder)."""
+    return "teacher" if member == 0 else f"teacher_{member}"
+
+
+def teacher_command(config: str | Path, seed: int | None, member: int, folder: Path,
+                    progress_bar: str = "none") -> list[str]:
+    """The train.py command that trains member ``member`` of ``Distillation.teacher``, the config ``config`` (of
+    seed ``seed``), into ``folder``: member i > 0 with seed + i, so that a config named twice in an ensemble
+    gives two different networks (member 0 is the config as it is; an unseeded config stays unseeded)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "-c", str(config),
+           "--set", f"trainer.save_dir={json.dumps(str(folder))}",
+           "--set", f"trainer.progress_bar={json.dumps(progress_bar)}"]
+    if member and seed is not None:
+        cmd += ["--set", f"seed={seed + member}"]
+    return cmd
 
 
 def export(trainer: pl.Trainer, run_dir: Path, options: ExportConfig) -> dict[str, Any]:

@@ -13,6 +13,9 @@ switching one technique on at a time:
 3. ``+ distillation``: the dense model teaches the compressed one (``Distillation``);
 3b. ``+ <Arch> teacher`` (when the recipe names a ``Distillation.teacher``): that other network teaches instead,
    trained once (``train.py -c`` its config into ``--save-dir``/teacher) unless ``--teacher CKPT`` gives it;
+   ``+ ensemble teacher (...)`` when it names a list: its members teach together (``"self"``, the dense model,
+   stays itself; each config member is trained once, member i into ``--save-dir``/teacher_i with its seed + i,
+   as train.py does, unless ``--teacher`` lists their checkpoints, ``self`` where the recipe has it);
 4. ``+ range codec``: the last taught row's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
@@ -45,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce.py beside 
 from reproduce import ROOT, ReproduceError, last_error, path_override, train  # noqa: E402
 
 from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from parse_config import ConfigError, parse_config  # noqa: E402
-from utils import commit_id  # noqa: E402
+from parse_config import ConfigError, load_config, parse_config  # noqa: E402
+from train import teacher_command, teacher_folder  # noqa: E402
+from utils import CheckpointError, commit_id  # noqa: E402
 
 MODELS = ("lenet300", "lenet5")
 COMPRESSION = ("Distillation", "IterativePruning", "Quantization")
@@ -61,8 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep-ratio multipliers of the curve's points, comma-separated (1.0: the table)")
     parser.add_argument("--save-dir", default=str(ROOT / "runs" / "ablation"), help="where the runs go")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the tables go")
-    parser.add_argument("--teacher", default=None, metavar="CKPT",
-                        help="checkpoint of the recipe's Distillation.teacher (default: train its config once)")
+    parser.add_argument("--teacher", default=None, nargs="+", metavar="CKPT",
+                        help="checkpoint of the recipe's Distillation.teacher, or one per member of its list ('self' "
+                             "for the dense model) (default: train its configs once)")
     parser.add_argument("--reuse", action="store_true",
                         help="take fits already finished under --save-dir with the same config (an interrupted or "
                              "earlier ablation) instead of training them again")
@@ -84,11 +89,11 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
 
 def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
                       distill: bool, codec: str, shared_biases: bool = False,
-                      teacher: Path | None = None) -> dict[str, Any]:
+                      teacher: list[str] | None = None) -> dict[str, Any]:
     """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
     ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases).
-    With ``distill``, ``teacher`` (a checkpoint) teaches, else the dense model itself (the recipe's own
-    ``Distillation.teacher`` never: it would be trained again by every row)."""
+    With ``distill``, ``teacher`` (checkpoints, ``"self"``: the dense model) teaches, else the dense model itself
+    (the recipe's own ``Distillation.teacher`` never: its configs would be trained again by every row)."""
     cfg = copy.deepcopy(beyond)
     shift = first_compression_epoch(cfg)
     cbs = cfg["trainer"]["callbacks"]
@@ -101,7 +106,7 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
         cbs["Distillation"]["epoch"] -= shift
         cbs["Distillation"].pop("teacher", None)
         if teacher is not None:
-            cbs["Distillation"]["teacher"] = str(teacher)
+            cbs["Distillation"]["teacher"] = teacher[0] if len(teacher) == 1 else list(teacher)
     else:
         cbs.pop("Distillation", None)
     cfg["trainer"]["max_epochs"] -= shift
@@ -138,38 +143,58 @@ def train_dense(beyond: dict[str, Any], save_dir: Path) -> Path:
     return new[0] / "last.ckpt"
 
 
-def teacher_arch(teacher: Path) -> str:
-    """The architecture of a teacher checkpoint, from its run folder's config.json ("another network" without)."""
-    config = teacher.parent / "config.json"
+def teacher_arch(teacher: str | Path) -> str:
+    """The architecture of a teacher checkpoint, from the config stored in it, else its run folder's config.json
+    ("itself" for ``self``; "another network" without either)."""
+    if str(teacher) == "self":
+        return "itself"
     try:
-        return str(json.loads(config.read_text())["arch"]["type"])
+        return load_config(None, teacher, []).arch.type
+    except (ConfigError, CheckpointError, OSError):
+        pass
+    try:
+        return str(json.loads((Path(teacher).parent / "config.json").read_text())["arch"]["type"])
     except (OSError, ValueError, KeyError, TypeError):
         return "another network"
 
 
-def find_teacher(args: argparse.Namespace, beyond: dict[str, Any], save_dir: Path) -> Path | None:
-    """The recipe's other teacher as a checkpoint: ``--teacher``, else its config trained once (None: the
-    recipe has none)."""
+def teacher_label(teacher: list[str]) -> str:
+    """The teacher column of a row taught by ``teacher``: its architecture, or its members' ("itself + LeNet5")."""
+    return " + ".join(teacher_arch(member) for member in teacher)
+
+
+def find_teacher(args: argparse.Namespace, beyond: dict[str, Any], save_dir: Path) -> list[str] | None:
+    """The recipe's other teacher as checkpoints (``"self"`` kept): ``--teacher``, else its configs trained
+    once, member i as train.py trains it (None: the recipe has none)."""
     named = (beyond["trainer"]["callbacks"].get("Distillation") or {}).get("teacher")
+    members = [] if named is None else [named] if isinstance(named, str) else list(named)
     if args.teacher:
-        path = Path(args.teacher).expanduser().resolve()
-        if not path.is_file():
-            raise ReproduceError(f"--teacher {path}: no such checkpoint")
-        return path
-    if not named:
+        given = [m if m == "self" else str(Path(m).expanduser().resolve()) for m in args.teacher]
+        if members and len(given) != len(members):
+            raise ReproduceError(f"--teacher: {len(given)} checkpoints for the recipe's {len(members)} teachers "
+                                 f"({', '.join(members)})")
+        for member in given:
+            if member != "self" and not Path(member).is_file():
+                raise ReproduceError(f"--teacher {member}: no such checkpoint")
+        return given
+    if not members or members == ["self"]:
         return None
-    if named.endswith(".ckpt"):
-        return ROOT / named
-    folder = save_dir / "teacher"
-    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(ROOT / named), "--set", "trainer.progress_bar=\"none\""]
-    cmd += path_override("trainer.save_dir", folder)
-    before = set(folder.glob("*/*/last.ckpt"))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    new = sorted(set(folder.glob("*/*/last.ckpt")) - before)
-    if proc.returncode != 0 or len(new) != 1:
-        raise ReproduceError(f"training the teacher {named} failed (exit {proc.returncode}): "
-                             f"{last_error(proc.stdout + proc.stderr)}")
-    return new[0]
+    found = []
+    for i, member in enumerate(members):
+        if member == "self" or member.endswith(".ckpt"):
+            found.append(member if member == "self" else str(ROOT / member))
+            continue
+        folder = save_dir / teacher_folder(i)
+        seed = json.loads((ROOT / member).read_text()).get("seed", 42)  # parse_config's default
+        cmd = teacher_command(ROOT / member, seed, i, folder)
+        before = set(folder.glob("*/*/last.ckpt"))
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        new = sorted(set(folder.glob("*/*/last.ckpt")) - before)
+        if proc.returncode != 0 or len(new) != 1:
+            raise ReproduceError(f"training the teacher {member} failed (exit {proc.returncode}): "
+                                 f"{last_error(proc.stdout + proc.stderr)}")
+        found.append(str(new[0]))
+    return found
 
 
 def run_row(cfg: dict[str, Any], save_dir: Path) -> dict[str, Any]:
@@ -244,7 +269,7 @@ def plot(model: str, dense_err: float, points: dict[str, list[tuple[float, float
 
 
 def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str, Any], dense: Path,
-              teacher: Path | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+              teacher: list[str] | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """Every fit of the table and the curve, in table order: ``(tag, config, row fields)``."""
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if 1.0 not in scales or any(s <= 0 for s in scales):
@@ -258,8 +283,9 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
                 ("+ sparser, fewer bits", ours_keep, ours_bits, False, None),
                 ("+ distillation", ours_keep, ours_bits, True, None)]
     if teacher is not None:
-        arch = teacher_arch(teacher)
-        variants.append((f"+ {arch} teacher", ours_keep, ours_bits, True, teacher))
+        label = teacher_label(teacher)
+        variants.append((f"+ {label} teacher" if len(teacher) == 1 else f"+ ensemble teacher ({label})",
+                         ours_keep, ours_bits, True, teacher))
     last_taught = variants[-1][0]
     fits = []
     for scale in scales:
@@ -269,7 +295,7 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
             keep = scaled(keep, scale)
             tag = f"{args.model}_ablation_{i + 1}" + ("" if scale == 1.0 else f"_x{scale:g}")
             fields = {"keep": keep, "bits": bits, "scale": scale, "index": i, "last_taught": name == last_taught,
-                      "teacher": "no" if not distill else "itself" if by is None else teacher_arch(by)}
+                      "teacher": "no" if not distill else "itself" if by is None else teacher_label(by)}
             fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by),
                          {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
             if name == last_taught:  # then shared biases (trained): the recipe as shipped, the curve's point for ours

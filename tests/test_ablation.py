@@ -38,7 +38,7 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
     assert beyond["trainer"]["callbacks"]["Distillation"]["teacher"].endswith(".json")
     assert "teacher" not in taught["trainer"]["callbacks"]["Distillation"]
     other = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range",
-                                       teacher=Path("/t/last.ckpt"))
+                                       teacher=["/t/last.ckpt"])
     assert other["trainer"]["callbacks"]["Distillation"]["teacher"] == "/t/last.ckpt"
     shipped = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range", True)
     assert shipped["trainer"]["callbacks"]["Quantization"]["bias_bits"] == \
@@ -75,15 +75,20 @@ def test_plan_lists_every_fit_once_in_table_order() -> None:
 def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Path) -> None:
     beyond, paper = ablation.read_recipe("lenet300", "beyond"), ablation.read_recipe("lenet300", "pipeline")
     (tmp_path / "config.json").write_text('{"arch": {"type": "LeNet5"}}')  # the teacher's run folder
-    teacher = tmp_path / "last.ckpt"
-    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), teacher)
+    teacher = str(tmp_path / "last.ckpt")
+    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), [teacher])
     assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
                                                  "+ LeNet5 teacher", "+ shared biases"]
     assert [f["teacher"] for _, _, f in fits] == ["no", "no", "itself", "LeNet5", "LeNet5"]
     assert [cfg["trainer"]["callbacks"].get("Distillation", {}).get("teacher") for _, cfg, _ in fits] == [
-        None, None, None, str(teacher), str(teacher)]
+        None, None, None, teacher, teacher]
     assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, False]  # recoded once, not twice
     assert ablation.teacher_arch(tmp_path / "elsewhere" / "x.ckpt") == "another network"
+    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"),
+                              ["self", teacher, teacher])  # an ensemble: the dense model and two LeNet-5s
+    assert fits[3][2]["recipe"] == "+ ensemble teacher (itself + LeNet5 + LeNet5)"
+    assert fits[4][2]["teacher"] == "itself + LeNet5 + LeNet5"
+    assert fits[4][1]["trainer"]["callbacks"]["Distillation"]["teacher"] == ["self", teacher, teacher]
 
 
 def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
@@ -118,3 +123,21 @@ def test_reuse_takes_a_finished_fit_with_the_same_config_only(tmp_path: Path, mo
     monkeypatch.setattr(ablation, "run_row", lambda c, folder: {"top1_err": 9.0})
     done = ablation.run_fits([("a", cfg, {}), ("b", other, {})], tmp_path, jobs=1, reuse=True)
     assert done["a"]["top1_err"] == 1.5 and done["b"]["top1_err"] == 9.0
+
+
+def test_teacher_checkpoints_given_must_match_the_recipes_members(tmp_path: Path) -> None:
+    import pytest
+
+    beyond = ablation.read_recipe("lenet300", "beyond")
+    beyond["trainer"]["callbacks"]["Distillation"]["teacher"] = ["self", "configs/lenet5_fashionmnist.json"]
+    ckpt = tmp_path / "t.ckpt"
+    ckpt.write_bytes(b"")
+
+    def find(*given: str) -> list[str] | None:
+        return ablation.find_teacher(ablation.get_args_parser().parse_args(["--teacher", *given]), beyond, tmp_path)
+
+    assert find("self", str(ckpt)) == ["self", str(ckpt)]
+    with pytest.raises(ablation.ReproduceError, match="1 checkpoints for the recipe's 2 teachers"):
+        find(str(ckpt))
+    with pytest.raises(ablation.ReproduceError, match="no such checkpoint"):
+        find("self", str(tmp_path / "missing.ckpt"))

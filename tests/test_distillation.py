@@ -30,7 +30,7 @@ def test_soft_term_is_hintons_formula() -> None:
     t, alpha = 2.0, 0.25
     p = F.softmax(teacher(x) / t, dim=1)  # KL(p || q) summed over classes, averaged over the batch
     kl = (p * (p.log() - F.log_softmax(student / t, dim=1))).sum(1).mean()
-    got = Teacher(teacher, t, alpha).loss(x, student, hard)
+    got = Teacher([teacher], t, alpha).loss(x, student, hard)
     assert got.item() == pytest.approx((1 - alpha) * 0.8 + alpha * t * t * kl.item(), rel=1e-5)
 
 
@@ -45,8 +45,8 @@ def test_teacher_is_the_network_at_its_epoch_and_stays_frozen() -> None:
             super().on_train_epoch_start(trainer, pl_module)
 
     fit(module, [Snapshot(keep_ratio=0.5, start_epoch=2), Distillation(epoch=1)], epochs=3)
-    assert module.teacher is not None and not any(p.requires_grad for p in module.teacher.model.parameters())
-    for key, value in module.teacher.model.state_dict().items():
+    assert module.teacher is not None and not any(p.requires_grad for p in module.teacher.models[0].parameters())
+    for key, value in module.teacher.models[0].state_dict().items():
         assert torch.equal(value, seen[key]), key  # trained two more epochs, the teacher did not move
     assert not torch.equal(module.model.fc1.weight, seen["fc1.weight"])
     assert not any(k.startswith("teacher") for k in module.state_dict())  # never part of the student
@@ -94,7 +94,7 @@ def test_config_checks_distillation_early(tmp_path: Path, idx_dir: Path) -> None
 def test_mixup_mixes_inputs_and_labels_with_one_beta_weight_per_batch() -> None:
     x, y = torch.arange(12.0).reshape(6, 2), torch.arange(6)
     torch.manual_seed(3)
-    mixed, y_mixed, lam = Teacher(torch.nn.Identity(), 2.0, 0.5, mixup=0.4).mix(x, y)
+    mixed, y_mixed, lam = Teacher([torch.nn.Identity()], 2.0, 0.5, mixup=0.4).mix(x, y)
     torch.manual_seed(3)  # the same draws, made by hand
     lam_ref = float(torch.distributions.Beta(0.4, 0.4).sample())
     perm = torch.randperm(6)
@@ -102,7 +102,7 @@ def test_mixup_mixes_inputs_and_labels_with_one_beta_weight_per_batch() -> None:
     assert torch.equal(y_mixed, y[perm]) and not torch.equal(perm, torch.arange(6))
     assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
     state = torch.get_rng_state()  # without mixup: the batch itself, and nothing drawn
-    same, y_same, one = Teacher(torch.nn.Identity(), 2.0, 0.5).mix(x, y)
+    same, y_same, one = Teacher([torch.nn.Identity()], 2.0, 0.5).mix(x, y)
     assert same is x and y_same is y and one == 1.0 and torch.equal(torch.get_rng_state(), state)
 
 
@@ -196,3 +196,87 @@ def test_config_checks_the_teacher_early(tmp_path: Path, idx_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"Distillation\.teacher: .*expected null .*\.ckpt.*\.json"):
         parse_config({**tiny_config(idx_dir, tmp_path), "trainer": {
             **tiny_config(idx_dir, tmp_path)["trainer"], "callbacks": {"Distillation": {"teacher": "t.dcz"}}}})
+
+
+def test_an_ensembles_soft_target_is_the_mean_of_its_members_distributions() -> None:
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, student, hard, t, alpha = torch.randn(5, 4), torch.randn(5, 3), torch.tensor(0.8), 2.0, 0.25
+    p = (F.softmax(a(x) / t, dim=1) + F.softmax(b(x) / t, dim=1)) / 2  # Hinton 2015 §2: the arithmetic mean
+    kl = (p * (p.log() - F.log_softmax(student / t, dim=1))).sum(1).mean()
+    got = Teacher([a, b], t, alpha).loss(x, student, hard)
+    assert got.item() == pytest.approx((1 - alpha) * 0.8 + alpha * t * t * kl.item(), rel=1e-5)
+    assert Teacher([a, a], t, alpha).loss(x, student, hard).item() == pytest.approx(
+        Teacher([a], t, alpha).loss(x, student, hard).item(), rel=1e-6)  # two equal members: one teacher
+
+
+def test_an_ensemble_of_itself_and_another_network_teaches_and_a_resume_keeps_both(
+        tmp_path: Path, idx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ckpt = lenet5_teacher(tmp_path, idx_dir)
+    callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "teacher": ["self", str(ckpt)]}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=4, stop_after=2)
+    stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
+    own, lenet5 = stored["teachers"]
+    assert "fc3.weight" in own and "conv1.weight" not in own  # the LeNet-300-100 itself, at epoch 1 ...
+    assert all(torch.equal(lenet5[k], v) for k, v in network_state(load_ckpt(ckpt)).items())  # ... and the LeNet-5
+    assert_resume_equals_whole(whole, run)
+    alone = write_config(tmp_path, idx_dir, "alone", {**CALLBACKS, "Distillation": {  # the LeNet-5 alone differs
+        **CALLBACKS["Distillation"], "teacher": str(ckpt)}}, max_epochs=4)
+    import train
+    assert train.main(["-c", str(alone)]) == 0
+    assert not torch.equal(last_ckpt(tmp_path / "alone")["state_dict"]["model.fc1.weight"],
+                           load_ckpt(whole / "last.ckpt")["state_dict"]["model.fc1.weight"])
+
+
+def test_a_config_named_twice_trains_two_teachers_with_their_own_seeds(tmp_path: Path, idx_dir: Path) -> None:
+    import train
+
+    config, _ = lenet5_teacher(tmp_path, idx_dir)
+    path = write_config(tmp_path, idx_dir, "run", {"Distillation": {"epoch": 1, "teacher": [str(config)] * 2}},
+                        max_epochs=2)
+    assert train.main(["-c", str(path)]) == 0
+    run = only_run(tmp_path / "run")
+    (first,), (second,) = (run / "teacher").glob("*/*/config.json"), (run / "teacher_1").glob("*/*/config.json")
+    assert (json.loads(first.read_text())["seed"], json.loads(second.read_text())["seed"]) == (7, 8)
+    weights = [network_state(load_ckpt(run / folder / "teacher.ckpt"))["conv1.weight"]
+               for folder in ("teacher", "teacher_1")]
+    assert not torch.equal(*weights)  # two networks, not one twice
+    stored = next(v for k, v in load_ckpt(run / "last.ckpt")["callbacks"].items() if "Distillation" in k)
+    assert [torch.equal(s["conv1.weight"], w) for s, w in zip(stored["teachers"], weights)] == [True, True]
+
+
+def test_teacher_command_gives_member_i_the_seed_plus_i() -> None:
+    import train
+
+    def seed(cmd: list[str]) -> str | None:
+        return next((a.split("=")[1] for a in cmd if a.startswith("seed=")), None)
+
+    assert seed(train.teacher_command("t.json", 42, 0, Path("x"))) is None  # the config as it is
+    assert seed(train.teacher_command("t.json", 42, 2, Path("x"))) == "44"
+    assert seed(train.teacher_command("t.json", None, 2, Path("x"))) is None  # unseeded stays unseeded
+    assert train.teacher_folder(0) == "teacher" and train.teacher_folder(3) == "teacher_3"
+
+
+def test_config_checks_an_ensemble_early_and_a_resume_with_other_teachers_fails_cleanly(tmp_path: Path,
+                                                                                          idx_dir: Path) -> None:
+    def refused(teacher: object) -> str:
+        cfg = tiny_config(idx_dir, tmp_path)
+        cfg["trainer"]["callbacks"] = {"Distillation": {"teacher": teacher}}
+        with pytest.raises(ConfigError) as err:
+            parse_config(cfg)
+        return str(err.value)
+
+    assert "a list of 1 to 8 teachers, got 0" in refused([])
+    assert "a list of 1 to 8 teachers, got 9" in refused(["self"] * 9)
+    assert "'t.dcz': expected null" in refused(["self", "t.dcz"])
+    path = write_config(tmp_path, idx_dir, "bad", {"Distillation": {"teacher": ["self", str(tmp_path / "no.ckpt")]}},
+                        max_epochs=3)
+    with pytest.raises(ConfigError, match=r"Distillation\.teacher: .*no\.ckpt: no such file"):
+        builders.build_config_callbacks(parse_config(json.loads(path.read_text())), builders.build_model(
+            parse_config(json.loads(path.read_text()))))
+    from utils import CheckpointError
+    callback = Distillation(teacher=["self", "self"])
+    with pytest.raises(CheckpointError, match="holds 1 teachers, the config names 2"):
+        callback.load_state_dict({"teacher": {}})
+    callback.load_state_dict({"teachers": [{}, {}]})  # the same number: taken
+    assert callback._saved == [{}, {}]

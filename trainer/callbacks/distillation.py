@@ -16,14 +16,17 @@ CE(y[perm])``. λ and perm come from torch's generator, which every checkpoint s
 
 With ``teacher`` the teacher is another network instead (any of the zoo trained on the same data: e.g. a
 LeNet-5 teaching a LeNet-300-100), handed over by the config layer (``builders.load_teacher``) as a
-checkpoint, or a config that ``train.py`` trains first into ``<run>/teacher/``. The
-teacher's weights are part of the callback's checkpoint state, so ``train.py -r`` resumes with the same
-teacher; evaluation (val / test) and the ``.dcz`` file never involve it.
+checkpoint, or a config that ``train.py`` trains first into ``<run>/teacher/``. A list of teachers is an
+ensemble (Hinton et al. 2015 §2: the soft target is the arithmetic mean of the members' tempered
+distributions); ``"self"`` in it stands for the network at ``epoch``. The teachers' weights are part of the
+callback's checkpoint state, so ``train.py -r`` resumes with the same teachers; evaluation (val / test) and
+the ``.dcz`` file never involve them.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,7 @@ from typing_extensions import override
 
 from logger import get_logger
 from trainer.callbacks.args import StrictArgs, validated
+from utils import CheckpointError
 
 if TYPE_CHECKING:
     from trainer.lit_model import LitClassifier
@@ -51,15 +55,31 @@ class DistillationArgs(StrictArgs):
     temperature: float = Field(4.0, gt=0)  # T: softens both distributions (Hinton: 2-20)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) term; 1 - alpha on the labels
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) of the mixing weight of the training batches; 0: no mixing
-    teacher: str | None = None  # null: the network at `epoch`; else another one: a .ckpt, or a .json train.py trains
+    # null: the network at `epoch`; else another one: a .ckpt, or a .json train.py trains; a list: an ensemble
+    teacher: str | list[str] | None = None
 
     @field_validator("teacher")
     @classmethod
-    def _a_checkpoint_or_a_config(cls, value: str | None) -> str | None:
-        if value is not None and not value.endswith((".ckpt", ".json")):
-            raise ValueError(f"{value!r}: expected null (the network itself at `epoch`), a checkpoint (.ckpt) or a "
-                             "config (.json, trained first)")
+    def _checkpoints_or_configs(cls, value: str | list[str] | None) -> str | list[str] | None:
+        members = [value] if isinstance(value, str) else value or []
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_TEACHERS:
+            raise ValueError(f"a list of 1 to {MAX_TEACHERS} teachers, got {len(value)}")
+        for member in members:
+            if member != "self" and not member.endswith((".ckpt", ".json")):
+                raise ValueError(f"{member!r}: expected null (the network itself at `epoch`), \"self\" (the same, "
+                                 "in a list), a checkpoint (.ckpt) or a config (.json, trained first), or a list "
+                                 "of these (an ensemble)")
         return value
+
+
+MAX_TEACHERS = 8  # each member costs a forward pass per training step
+
+
+def teacher_members(teacher: str | list[str] | None) -> list[str]:
+    """``Distillation.teacher`` as the list of its members (``"self"``: the network at ``epoch``)."""
+    if teacher is None:
+        return ["self"]
+    return [teacher] if isinstance(teacher, str) else list(teacher)
 
 
 @dataclass
@@ -67,7 +87,7 @@ class Teacher:
     """What ``LitClassifier.training_step`` needs to add the soft term (not an ``nn.Module`` attribute:
     the teacher must not enter the student's state dict, optimizer or DDP wrapper)."""
 
-    model: nn.Module
+    models: list[nn.Module]  # one, or the members of an ensemble
     temperature: float
     alpha: float
     mixup: float = 0.0
@@ -81,9 +101,12 @@ class Teacher:
         return lam * x + (1.0 - lam) * x[perm], y[perm], lam
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
-        """``(1 - alpha) · hard_loss + alpha · T² · KL(teacher ‖ student)`` on the batch ``x``."""
+        """``(1 - alpha) · hard_loss + alpha · T² · KL(teacher ‖ student)`` on the batch ``x``; an ensemble's
+        distribution is the mean of its members' (each at temperature T)."""
         with torch.no_grad():
-            target = F.log_softmax(self.model(x) / self.temperature, dim=1)  # (N, classes)
+            members = [F.log_softmax(m(x) / self.temperature, dim=1) for m in self.models]  # (N, classes) each
+            target = members[0] if len(members) == 1 else (
+                torch.logsumexp(torch.stack(members), dim=0) - math.log(len(members)))  # log of the mean
         soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
                         reduction="batchmean")
         return (1.0 - self.alpha) * hard_loss + self.alpha * self.temperature ** 2 * soft
@@ -103,8 +126,9 @@ class Distillation(Callback):
         args = validated(DistillationArgs, kwargs, "Distillation")
         self.epoch, self.temperature, self.alpha = args.epoch, args.temperature, args.alpha
         self.mixup, self.teacher = args.mixup, args.teacher
-        self.network: nn.Module | None = None  # the other network of `teacher`, once loaded (see use())
-        self._saved: dict[str, torch.Tensor] | None = None  # the teacher's weights, from a resumed checkpoint
+        self.members = teacher_members(args.teacher)
+        self.networks: dict[int, nn.Module] = {}  # the other networks of `teacher`, by member, once loaded (use())
+        self._saved: list[dict[str, torch.Tensor]] | None = None  # the teachers' weights, from a resumed checkpoint
 
     def check(self, model: nn.Module, max_epochs: int) -> dict[str, int]:
         """Checks ``epoch`` against the run before anything trains; no layer is targeted (returns ``{}``).
@@ -117,25 +141,30 @@ class Distillation(Callback):
                              f"(trainer.max_epochs={max_epochs})")
         return {}
 
-    def use(self, network: nn.Module) -> None:
-        """The other network that ``teacher`` names, loaded with its weights (by the config layer)."""
-        self.network = network
+    def use(self, network: nn.Module, member: int = 0) -> None:
+        """The other network that member ``member`` of ``teacher`` names, loaded with its weights (by the
+        config layer)."""
+        self.networks[member] = network
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if pl_module.teacher is not None or trainer.current_epoch < self.epoch:
             return
-        if self.teacher is not None and self.network is None:
-            raise RuntimeError(f"Distillation: teacher {self.teacher} was not loaded (call use() first)")
-        teacher = copy.deepcopy(pl_module.model if self.network is None else self.network).to(pl_module.device)
-        if self._saved is not None:  # resumed after the teacher was taken: the same teacher again
-            teacher.load_state_dict(self._saved)
+        models = []
+        for i, member in enumerate(self.members):
+            if member != "self" and i not in self.networks:
+                raise RuntimeError(f"Distillation: teacher {member} was not loaded (call use() first)")
+            source = pl_module.model if member == "self" else self.networks[i]
+            models.append(copy.deepcopy(source).to(pl_module.device).eval().requires_grad_(False))
+        if self._saved is not None:  # resumed after the teachers were taken: the same teachers again
+            for model, state in zip(models, self._saved, strict=True):
+                model.load_state_dict(state)
         else:
-            who = (f"the network at epoch {trainer.current_epoch}" if self.network is None
-                   else f"{type(teacher).__name__} from {self.teacher}")
-            log.info(f"Distillation: {who} is the teacher from now on "
-                     f"(T={self.temperature}, alpha={self.alpha}, mixup={self.mixup})")
-        pl_module.teacher = Teacher(teacher.eval().requires_grad_(False), self.temperature, self.alpha, self.mixup)
+            who = ", ".join(f"the network at epoch {trainer.current_epoch}" if m == "self"
+                            else f"{type(models[i]).__name__} from {m}" for i, m in enumerate(self.members))
+            log.info(f"Distillation: {who} {'is the teacher' if len(models) == 1 else 'are the teachers'} from "
+                     f"now on (T={self.temperature}, alpha={self.alpha}, mixup={self.mixup})")
+        pl_module.teacher = Teacher(models, self.temperature, self.alpha, self.mixup)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
@@ -147,8 +176,13 @@ class Distillation(Callback):
         lit = getattr(self, "_lit", None)
         if lit is None or lit.teacher is None:
             return {}
-        return {"teacher": lit.teacher.model.state_dict()}
+        states = [m.state_dict() for m in lit.teacher.models]
+        return {"teacher": states[0]} if len(states) == 1 else {"teachers": states}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._saved = state_dict.get("teacher")
+        saved = state_dict.get("teachers") or ([state_dict["teacher"]] if "teacher" in state_dict else None)
+        if saved is not None and len(saved) != len(self.members):
+            raise CheckpointError(f"Distillation: the checkpoint holds {len(saved)} teachers, the config names "
+                             f"{len(self.members)}: resume with the config the run was trained with")
+        self._saved = saved
