@@ -31,9 +31,10 @@ from parse_config import (Config, ConfigError, ExportConfig, add_override_args, 
 from trainer.callbacks import Distillation
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.export import encode_checkpoint, read_compressed
+from trainer.lit_model import TrainingDivergedError
 from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
 
-USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)
+USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, TrainingDivergedError)
 # Writing the run's files failed for a reason the user can fix (full disk, read-only folder, quota).
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
 

@@ -173,3 +173,19 @@ def test_test_script_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     assert test.main(["-r", str(tmp_path / "junk.ckpt")]) == 2
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_a_diverged_run_stops_with_exit_2_and_writes_no_broken_checkpoint(tmp_path: Path, idx_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=3)
+    cfg["optimizer"]["args"]["lr"] = 1e30  # the first update makes the weights inf, the next NaN
+    path = tmp_path / "diverge.json"
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged in epoch 0" in err and "gradient_clip_val" in err and "Traceback" not in err
+    (run,) = run_dirs(tmp_path / "runs")
+    assert not list(run.glob("*.ckpt"))  # nothing written from the broken weights
+    cfg["optimizer"]["args"]["lr"] = 0.05  # the same config trains normally: the check does not fire on finite weights
+    path.write_text(json.dumps(cfg))
+    assert train.main(["-c", str(path)]) == 0

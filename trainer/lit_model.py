@@ -28,6 +28,10 @@ log = get_logger("train")
 MODEL_ATTR = "model"  # the attribute holding the network: its weights are "model.*" in a checkpoint
 
 
+class TrainingDivergedError(RuntimeError):
+    """The weights stopped being finite numbers: every later step would learn nothing."""
+
+
 def network_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The plain ``nn.Module`` weights of a LitClassifier checkpoint (the ``model.`` prefix removed)."""
     prefix = MODEL_ATTR + "."
@@ -115,7 +119,19 @@ class LitClassifier(pl.LightningModule):
         self.compression.apply_(self.model)  # exact zeros and codebook values after every update
         if log_now:
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self._check_finite()
         return loss
+
+    def _check_finite(self) -> None:
+        """Stops a diverged run within ``log_every_n_steps`` steps, before it writes a checkpoint (one device
+        sync on the steps that log anyway). Weights, not the loss: under 16-mixed a non-finite loss is a step
+        the gradient scaler skips."""
+        if bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+            return
+        raise TrainingDivergedError(
+            f"training diverged in epoch {self.current_epoch} (by step {self.global_step}): the weights are no longer "
+            f"finite (NaN/inf), so the rest of the run would learn nothing; lower optimizer.args.lr or set "
+            f"trainer.gradient_clip_val (e.g. 5.0) and start again (the checkpoints written so far are from before)")
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         loss, logits, y = self.model_step(batch)
