@@ -185,8 +185,7 @@ def find_teacher(args: argparse.Namespace, beyond: dict[str, Any], save_dir: Pat
             found.append(member if member == "self" else str(ROOT / member))
             continue
         folder = save_dir / teacher_folder(i)
-        seed = json.loads((ROOT / member).read_text()).get("seed", 42)  # parse_config's default
-        cmd = teacher_command(ROOT / member, seed, i, folder)
+        cmd = teacher_command(ROOT / member, load_config(ROOT / member, None, []).seed, i, folder)
         before = set(folder.glob("*/*/last.ckpt"))
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         new = sorted(set(folder.glob("*/*/last.ckpt")) - before)

@@ -125,8 +125,7 @@ class Distillation(Callback):
     def __init__(self, **kwargs: Any) -> None:
         args = validated(DistillationArgs, kwargs, "Distillation")
         self.epoch, self.temperature, self.alpha = args.epoch, args.temperature, args.alpha
-        self.mixup, self.teacher = args.mixup, args.teacher
-        self.members = teacher_members(args.teacher)
+        self.mixup, self.members = args.mixup, teacher_members(args.teacher)
         self.networks: dict[int, nn.Module] = {}  # the other networks of `teacher`, by member, once loaded (use())
         self._saved: list[dict[str, torch.Tensor]] | None = None  # the teachers' weights, from a resumed checkpoint
 
