@@ -16,6 +16,8 @@ switching one technique on at a time:
    ``+ ensemble teacher (...)`` when it names a list: its members teach together (``"self"``, the dense model,
    stays itself; each config member is trained once, member i into ``--save-dir``/teacher_i with its seed + i,
    as train.py does, unless ``--teacher`` lists their checkpoints, ``self`` where the recipe has it);
+3c. ``+ feature hints`` (when the recipe's ``Distillation`` names ``features``): the same teacher, the student
+   also matching its layer outputs; the rows above it run without them;
 4. ``+ range codec``: the last taught row's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
@@ -89,11 +91,12 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
 
 def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
                       distill: bool, codec: str, shared_biases: bool = False,
-                      teacher: list[str] | None = None) -> dict[str, Any]:
+                      teacher: list[str] | None = None, hints: bool = True) -> dict[str, Any]:
     """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
     ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases).
     With ``distill``, ``teacher`` (checkpoints, ``"self"``: the dense model) teaches, else the dense model itself
-    (the recipe's own ``Distillation.teacher`` never: its configs would be trained again by every row)."""
+    (the recipe's own ``Distillation.teacher`` never: its configs would be trained again by every row); its
+    ``Distillation.features`` only with ``hints``."""
     cfg = copy.deepcopy(beyond)
     shift = first_compression_epoch(cfg)
     cbs = cfg["trainer"]["callbacks"]
@@ -105,6 +108,8 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     if distill:
         cbs["Distillation"]["epoch"] -= shift
         cbs["Distillation"].pop("teacher", None)
+        if not hints:
+            cbs["Distillation"].pop("features", None), cbs["Distillation"].pop("feature_weight", None)
         if teacher is not None:
             cbs["Distillation"]["teacher"] = teacher[0] if len(teacher) == 1 else list(teacher)
     else:
@@ -285,17 +290,22 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
         label = teacher_label(teacher)
         variants.append((f"+ {label} teacher" if len(teacher) == 1 else f"+ ensemble teacher ({label})",
                          ours_keep, ours_bits, True, teacher))
+    hinted = bool(beyond["trainer"]["callbacks"].get("Distillation", {}).get("features"))
+    if hinted:  # the taught rows above without the recipe's feature term, then with it
+        variants.append(("+ feature hints", ours_keep, ours_bits, True, teacher))
     last_taught = variants[-1][0]
     fits = []
     for scale in scales:
         for i, (name, keep, bits, distill, by) in enumerate(variants):
+            hints = name == "+ feature hints" or not hinted
             if scale != 1.0 and name not in ("paper", last_taught):
                 continue  # the curve compares the two recipes; the middle rows are the table's only
             keep = scaled(keep, scale)
             tag = f"{args.model}_ablation_{i + 1}" + ("" if scale == 1.0 else f"_x{scale:g}")
             fields = {"keep": keep, "bits": bits, "scale": scale, "index": i, "last_taught": name == last_taught,
                       "teacher": "no" if not distill else "itself" if by is None else teacher_label(by)}
-            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by),
+            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by,
+                                                hints=hints),
                          {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
             if name == last_taught:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
                 cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True,

@@ -72,6 +72,20 @@ def test_plan_lists_every_fit_once_in_table_order() -> None:
     assert [f["teacher"] for _, _, f in fits[:4]] == ["no", "no", "itself", "itself"]
 
 
+def test_feature_hints_get_a_row_of_their_own_after_the_taught_rows() -> None:
+    beyond, paper = ablation.read_recipe("lenet5", "beyond"), ablation.read_recipe("lenet5", "pipeline")
+    distill = beyond["trainer"]["callbacks"]["Distillation"]
+    distill.update(features=["conv2", "fc1"], feature_weight=0.5)
+    args = ablation.get_args_parser().parse_args(["--scales", "1.0"])
+    fits = ablation.plan_rows(args, beyond, paper, Path("/d/dense.ckpt"))
+    assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
+                                                 "+ feature hints", "+ shared biases"]
+    hints = [cfg["trainer"]["callbacks"].get("Distillation", {}).get("features") for _, cfg, _ in fits]
+    assert hints == [None, None, None, ["conv2", "fc1"], ["conv2", "fc1"]]  # only the hinted row and the shipped one
+    assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, False]
+    assert fits[3][1]["trainer"]["callbacks"]["Distillation"]["feature_weight"] == 0.5
+
+
 def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Path) -> None:
     beyond, paper = ablation.read_recipe("lenet300", "beyond"), ablation.read_recipe("lenet300", "pipeline")
     (tmp_path / "config.json").write_text('{"arch": {"type": "LeNet5"}}')  # the teacher's run folder

@@ -280,3 +280,51 @@ def test_config_checks_an_ensemble_early_and_a_resume_with_other_teachers_fails_
         callback.load_state_dict({"teacher": {}})
     callback.load_state_dict({"teachers": [{}, {}]})  # the same number: taken
     assert callback._saved == [{}, {}]
+
+
+def test_feature_term_is_the_mean_normalised_squared_error_of_the_named_outputs() -> None:
+    teacher = Teacher([torch.nn.Identity()], 2.0, 0.0, feature_weight=0.5)
+    # two layers: (s - t)² / t² averaged per layer: fc1 ((1-2)² + (2-2)²)/2 / ((4+4)/2) = 0.125; conv 1² / 1² = 1
+    teacher.student_out.update(fc1=torch.tensor([[1.0, 2.0]]), conv=torch.tensor([[0.0]]))
+    teacher.teacher_out.update(fc1=torch.tensor([[2.0, 2.0]]), conv=torch.tensor([[1.0]]))
+    assert teacher.hint().item() == pytest.approx((0.125 + 1.0) / 2)
+    x = torch.zeros(1, 3)  # alpha 0: the soft term is off, the loss is the hard loss plus beta times the hint
+    assert teacher.loss(x, torch.zeros(1, 3), torch.tensor(0.8)).item() == pytest.approx(0.8 + 0.5 * 0.5625)
+    teacher.student_out["fc1"] = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match=r"fc1 outputs \(1, 3\) in the student but \(1, 2\) in the teacher"):
+        teacher.hint()
+
+
+def test_features_change_training_and_their_hooks_go_at_fit_end() -> None:
+    plain, hinted = tiny_module(), tiny_module()
+    fit(plain, [Distillation(epoch=0, alpha=0.7)], epochs=2)
+    fit(hinted, [Distillation(epoch=0, alpha=0.7, features=["fc1"], feature_weight=1.0)], epochs=2)
+    assert not torch.equal(plain.model.fc1.weight, hinted.model.fc1.weight)
+    assert not hinted.model.fc1._forward_hooks and not hinted.teacher.models[0].fc1._forward_hooks
+    assert not hinted.teacher.student_out and not hinted.teacher.teacher_out  # no activations kept after the fit
+    zero = tiny_module()  # beta 0: the features are recorded, the loss is the plain distillation loss
+    fit(zero, [Distillation(epoch=0, alpha=0.7, features=["Linear"], feature_weight=0.0)], epochs=2)
+    assert torch.equal(zero.model.fc1.weight, plain.model.fc1.weight)
+
+
+def test_resume_with_features_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # the hooks are registered again when the resumed run takes its teacher back; the file decodes the same bytes
+    callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "features": ["fc2"],
+                                               "feature_weight": 0.1}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=4, stop_after=2)
+    assert_resume_equals_whole(whole, run)
+
+
+def test_config_checks_features_early(tmp_path: Path, idx_dir: Path) -> None:
+    path = write_config(tmp_path, idx_dir, "bad", {"Distillation": {"features": ["conv9"]}}, max_epochs=3)
+    cfg = parse_config(json.loads(path.read_text()))
+    with pytest.raises(ConfigError, match=r"Distillation\.features: 'conv9' is not a prunable layer of LeNet300"):
+        builders.build_config_callbacks(cfg, builders.build_model(cfg))
+    raw = json.loads(path.read_text())
+    raw["trainer"]["callbacks"] = {"Distillation": {"features": ["fc1"], "teacher": ["self", "a.ckpt"]}}
+    with pytest.raises(ConfigError, match=r"features \['fc1'\] need one teacher of the student's architecture, got 2"):
+        parse_config(raw)
+    raw["trainer"]["callbacks"] = {"Distillation": {"feature_weight": -1}}
+    with pytest.raises(ConfigError, match=r"Distillation\.feature_weight: must be >= 0"):
+        parse_config(raw)

@@ -21,23 +21,33 @@ ensemble (Hinton et al. 2015 §2: the soft target is the arithmetic mean of the 
 distributions); ``"self"`` in it stands for the network at ``epoch``. The teachers' weights are part of the
 callback's checkpoint state, so ``train.py -r`` resumes with the same teachers; evaluation (val / test) and
 the ``.dcz`` file never involve them.
+
+With ``features`` (layer names) the student also matches the teacher's *outputs of those layers* (FitNets'
+hints, Romero et al. 2015, arXiv 1412.6550, without a regressor: the teacher has the student's architecture),
+each term normalised by the teacher output's mean square so that layers of any scale weigh alike:
+
+    + beta · mean over layers l of ‖s_l − t_l‖² / ‖t_l‖²        (beta = ``feature_weight``)
+
+The pruned network is then pulled back towards the dense one's intermediate representation, not only its
+output distribution.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from typing_extensions import override
 
+from compression.layers import resolve
 from logger import get_logger
 from trainer.callbacks.args import StrictArgs, validated
 from utils import CheckpointError
@@ -57,6 +67,16 @@ class DistillationArgs(StrictArgs):
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) of the mixing weight of the training batches; 0: no mixing
     # null: the network at `epoch`; else another one: a .ckpt, or a .json train.py trains; a list: an ensemble
     teacher: str | list[str] | None = None
+    # layers (names or types) whose outputs the student matches to the teacher's; []: the logits only
+    features: list[str] = []
+    feature_weight: float = Field(1.0, ge=0)  # beta: weight of the feature term (added to the loss above)
+
+    @model_validator(mode="after")
+    def _features_need_one_teacher(self) -> DistillationArgs:
+        if self.features and len(teacher_members(self.teacher)) != 1:
+            raise ValueError(f"features {self.features} need one teacher of the student's architecture, got "
+                             f"{len(teacher_members(self.teacher))}: drop `features` or name one teacher")
+        return self
 
     @field_validator("teacher")
     @classmethod
@@ -91,6 +111,10 @@ class Teacher:
     temperature: float
     alpha: float
     mixup: float = 0.0
+    feature_weight: float = 0.0  # beta of the feature term
+    # Outputs of the `features` layers in the last training forward pass, by layer name (filled by hooks)
+    student_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_out: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(λ x + (1 - λ) x[perm], y[perm], λ)``, or ``(x, y, 1.0)`` without ``mixup``."""
@@ -109,7 +133,24 @@ class Teacher:
                 torch.logsumexp(torch.stack(members), dim=0) - math.log(len(members)))  # log of the mean
         soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
                         reduction="batchmean")
-        return (1.0 - self.alpha) * hard_loss + self.alpha * self.temperature ** 2 * soft
+        loss = (1.0 - self.alpha) * hard_loss + self.alpha * self.temperature ** 2 * soft
+        return loss + self.feature_weight * self.hint() if self.teacher_out else loss
+
+    def hint(self) -> torch.Tensor:
+        """Mean over the ``features`` layers of ``‖s − t‖² / ‖t‖²`` (student and teacher outputs of the batch
+        just seen, each ``(N, ...)``).
+
+        Raises:
+            ValueError: a layer whose output has another shape in the teacher than in the student.
+        """
+        terms = []
+        for name, t in self.teacher_out.items():
+            s = self.student_out[name]
+            if s.shape != t.shape:
+                raise ValueError(f"Distillation.features: {name} outputs {tuple(s.shape)} in the student but "
+                                 f"{tuple(t.shape)} in the teacher; name layers the two networks share")
+            terms.append(F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12))
+        return torch.stack(terms).mean()
 
 
 class Distillation(Callback):
@@ -126,6 +167,9 @@ class Distillation(Callback):
         args = validated(DistillationArgs, kwargs, "Distillation")
         self.epoch, self.temperature, self.alpha = args.epoch, args.temperature, args.alpha
         self.mixup, self.members = args.mixup, teacher_members(args.teacher)
+        self.features, self.feature_weight = args.features, args.feature_weight
+        self.feature_layers: list[str] = []  # the full names `features` designates (check())
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.networks: dict[int, nn.Module] = {}  # the other networks of `teacher`, by member, once loaded (use())
         self._saved: list[dict[str, torch.Tensor]] | None = None  # the teachers' weights, from a resumed checkpoint
 
@@ -133,12 +177,17 @@ class Distillation(Callback):
         """Checks ``epoch`` against the run before anything trains; no layer is targeted (returns ``{}``).
 
         Raises:
-            ValueError: ``epoch`` outside ``0..max_epochs - 1``.
+            ValueError: ``epoch`` outside ``0..max_epochs - 1``, or a ``features`` layer the model lacks.
         """
         if not 0 <= self.epoch < max_epochs:
             raise ValueError(f"epoch {self.epoch} is outside the run's epochs 0..{max_epochs - 1} "
                              f"(trainer.max_epochs={max_epochs})")
+        self.feature_layers = self._feature_layers(model)
         return {}
+
+    def _feature_layers(self, model: nn.Module) -> list[str]:
+        """The full layer names ``features`` designates (names or types, as the other callbacks take them)."""
+        return list(dict.fromkeys(n for key in self.features for n in resolve(model, key, "Distillation.features")))
 
     def use(self, network: nn.Module, member: int = 0) -> None:
         """The other network that member ``member`` of ``teacher`` names, loaded with its weights (by the
@@ -163,7 +212,40 @@ class Distillation(Callback):
                             else f"{type(models[i]).__name__} from {m}" for i, m in enumerate(self.members))
             log.info(f"Distillation: {who} {'is the teacher' if len(models) == 1 else 'are the teachers'} from "
                      f"now on (T={self.temperature}, alpha={self.alpha}, mixup={self.mixup})")
-        pl_module.teacher = Teacher(models, self.temperature, self.alpha, self.mixup)
+        pl_module.teacher = Teacher(models, self.temperature, self.alpha, self.mixup, self.feature_weight)
+        if self.features:
+            self.feature_layers = self.feature_layers or self._feature_layers(pl_module.model)
+            self._hook_features(pl_module.model, models[0], pl_module.teacher)
+
+    def _hook_features(self, student: nn.Module, teacher: nn.Module, into: Teacher) -> None:
+        """Forward hooks that keep the ``features`` layers' outputs: the student's in training mode only (the
+        validation passes need none), the teacher's always (it only runs inside ``Teacher.loss``).
+
+        Raises:
+            ValueError: the teacher lacks one of the layers.
+        """
+        mods_s, mods_t = dict(student.named_modules()), dict(teacher.named_modules())
+        for name in self.feature_layers:
+            if name not in mods_t:
+                raise ValueError(f"Distillation.features: the teacher {type(teacher).__name__} has no layer "
+                                 f"{name!r}; features need a teacher of the student's architecture")
+
+            def keep(store: dict[str, torch.Tensor], name: str = name, train_only: bool = False) -> Any:
+                def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+                    if module.training or not train_only:
+                        store[name] = output
+                return hook
+            self._hooks += [mods_s[name].register_forward_hook(keep(into.student_out, train_only=True)),
+                            mods_t[name].register_forward_hook(keep(into.teacher_out))]
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if pl_module.teacher is not None:
+            pl_module.teacher.student_out.clear()
+            pl_module.teacher.teacher_out.clear()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
