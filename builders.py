@@ -102,7 +102,11 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
             for i, member in enumerate(callback.members):
                 if member == "self":
                     continue
-                teacher_config(cfg, member)  # a config is trained by train.py, then loaded like a checkpoint
+                teacher = teacher_config(cfg, member)  # a config is trained by train.py, then loaded like a checkpoint
+                if callback.features and teacher.arch.type != cfg.arch.type:
+                    raise ConfigError(f"trainer.callbacks.Distillation.features: the teacher {member} is a "
+                                      f"{teacher.arch.type}, this run trains a {cfg.arch.type}; features need a "
+                                      "teacher of the student's architecture: drop `features` or teach with that one")
                 if member.endswith(".ckpt"):
                     callback.use(load_teacher(cfg, member), i)
         if isinstance(callback, IterativePruning) and callback.splicing and cfg.trainer.precision == "16-mixed":

@@ -325,6 +325,13 @@ def test_config_checks_features_early(tmp_path: Path, idx_dir: Path) -> None:
     raw["trainer"]["callbacks"] = {"Distillation": {"features": ["fc1"], "teacher": ["self", "a.ckpt"]}}
     with pytest.raises(ConfigError, match=r"features \['fc1'\] need one teacher of the student's architecture, got 2"):
         parse_config(raw)
+    other = tiny_config(idx_dir, tmp_path / "x")
+    other["arch"] = {"type": "LeNet5", "args": {}}
+    (tmp_path / "lenet5.json").write_text(json.dumps(other))
+    raw["trainer"]["callbacks"] = {"Distillation": {"features": ["fc1"], "teacher": str(tmp_path / "lenet5.json")}}
+    with pytest.raises(ConfigError, match=r"Distillation\.features: the teacher .*lenet5\.json is a LeNet5, this run "
+                                          r"trains a LeNet300; features need a teacher of the student's architecture"):
+        builders.build_config_callbacks(parse_config(raw), builders.build_model(parse_config(raw)))
     raw["trainer"]["callbacks"] = {"Distillation": {"feature_weight": -1}}
     with pytest.raises(ConfigError, match=r"Distillation\.feature_weight: must be >= 0"):
         parse_config(raw)
