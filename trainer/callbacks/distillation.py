@@ -68,7 +68,7 @@ class DistillationArgs(StrictArgs):
     # null: the network at `epoch`; else another one: a .ckpt, or a .json train.py trains; a list: an ensemble
     teacher: str | list[str] | None = None
     # layers (names or types) whose outputs the student matches to the teacher's; []: the logits only
-    features: list[str] = []
+    features: list[str] = Field(default_factory=list)
     feature_weight: float = Field(1.0, ge=0)  # beta: weight of the feature term (added to the loss above)
 
     @model_validator(mode="after")
@@ -153,6 +153,14 @@ class Teacher:
         return torch.stack(terms).mean()
 
 
+def _keeper(store: dict[str, torch.Tensor], name: str, train_only: bool) -> Any:
+    """A forward hook that puts its module's output in ``store[name]`` (only in training mode if ``train_only``)."""
+    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if module.training or not train_only:
+            store[name] = output
+    return hook
+
+
 class Distillation(Callback):
     """Freezes the network at ``epoch`` as the teacher of every later training step.
 
@@ -211,7 +219,8 @@ class Distillation(Callback):
             who = ", ".join(f"the network at epoch {trainer.current_epoch}" if m == "self"
                             else f"{type(models[i]).__name__} from {m}" for i, m in enumerate(self.members))
             log.info(f"Distillation: {who} {'is the teacher' if len(models) == 1 else 'are the teachers'} from "
-                     f"now on (T={self.temperature}, alpha={self.alpha}, mixup={self.mixup})")
+                     f"now on (T={self.temperature}, alpha={self.alpha}, mixup={self.mixup}"
+                     + (f", features {', '.join(self.features)} x {self.feature_weight})" if self.features else ")"))
         pl_module.teacher = Teacher(models, self.temperature, self.alpha, self.mixup, self.feature_weight)
         if self.features:
             self.feature_layers = self.feature_layers or self._feature_layers(pl_module.model)
@@ -229,14 +238,8 @@ class Distillation(Callback):
             if name not in mods_t:
                 raise ValueError(f"Distillation.features: the teacher {type(teacher).__name__} has no layer "
                                  f"{name!r}; features need a teacher of the student's architecture")
-
-            def keep(store: dict[str, torch.Tensor], name: str = name, train_only: bool = False) -> Any:
-                def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-                    if module.training or not train_only:
-                        store[name] = output
-                return hook
-            self._hooks += [mods_s[name].register_forward_hook(keep(into.student_out, train_only=True)),
-                            mods_t[name].register_forward_hook(keep(into.teacher_out))]
+            self._hooks += [mods_s[name].register_forward_hook(_keeper(into.student_out, name, train_only=True)),
+                            mods_t[name].register_forward_hook(_keeper(into.teacher_out, name, train_only=False))]
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
