@@ -103,10 +103,10 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
                 if member == "self":
                     continue
                 teacher = teacher_config(cfg, member)  # a config is trained by train.py, then loaded like a checkpoint
-                if callback.features and teacher.arch.type != cfg.arch.type:
+                if callback.features and (theirs := _arch_of(teacher)) != (mine := _arch_of(cfg)):
                     raise ConfigError(f"trainer.callbacks.Distillation.features: the teacher {member} is a "
-                                      f"{teacher.arch.type}, this run trains a {cfg.arch.type}; features need a "
-                                      "teacher of the student's architecture: drop `features` or teach with that one")
+                                      f"{theirs[0]} {theirs[1]}, this run trains a {mine[0]} {mine[1]}; features need a teacher of the student's architecture "
+                                      "(its layers named and shaped alike): drop `features` or teach with that one")
                 if member.endswith(".ckpt"):
                     callback.use(load_teacher(cfg, member), i)
         if isinstance(callback, IterativePruning) and callback.splicing and cfg.trainer.precision == "16-mixed":
@@ -115,6 +115,11 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks
+
+
+def _arch_of(cfg: Config) -> tuple[str, dict]:
+    """The architecture a config builds, up to ``num_classes`` (filled in from the data, checked separately)."""
+    return cfg.arch.type, {k: v for k, v in cfg.arch.args.items() if k != "num_classes"}
 
 
 def teacher_config(cfg: Config, path: str | Path) -> Config:

@@ -109,7 +109,8 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
         cbs["Distillation"]["epoch"] -= shift
         cbs["Distillation"].pop("teacher", None)
         if not hints:
-            cbs["Distillation"].pop("features", None), cbs["Distillation"].pop("feature_weight", None)
+            for key in ("features", "feature_weight"):
+                cbs["Distillation"].pop(key, None)
         if teacher is not None:
             cbs["Distillation"]["teacher"] = teacher[0] if len(teacher) == 1 else list(teacher)
     else:

@@ -329,8 +329,12 @@ def test_config_checks_features_early(tmp_path: Path, idx_dir: Path) -> None:
     other["arch"] = {"type": "LeNet5", "args": {}}
     (tmp_path / "lenet5.json").write_text(json.dumps(other))
     raw["trainer"]["callbacks"] = {"Distillation": {"features": ["fc1"], "teacher": str(tmp_path / "lenet5.json")}}
-    with pytest.raises(ConfigError, match=r"Distillation\.features: the teacher .*lenet5\.json is a LeNet5, this run "
-                                          r"trains a LeNet300; features need a teacher of the student's architecture"):
+    with pytest.raises(ConfigError, match=r"Distillation\.features: the teacher .*lenet5\.json is a LeNet5 \{\}, this "
+                                          r"run trains a LeNet300 \{\}; features need a teacher of the student's"):
+        builders.build_config_callbacks(parse_config(raw), builders.build_model(parse_config(raw)))
+    other["arch"] = {"type": "LeNet300", "args": {"in_features": 392}}  # the same type, other layer shapes
+    (tmp_path / "lenet5.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"is a LeNet300 \{'in_features': 392\}, this run trains a LeNet300 \{\}"):
         builders.build_config_callbacks(parse_config(raw), builders.build_model(parse_config(raw)))
     raw["trainer"]["callbacks"] = {"Distillation": {"feature_weight": -1}}
     with pytest.raises(ConfigError, match=r"Distillation\.feature_weight: must be >= 0"):
