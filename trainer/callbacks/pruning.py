@@ -25,7 +25,7 @@ from torch import nn
 from typing_extensions import Self, override
 
 from compression.layers import per_layer, prunable_layers
-from compression.pruning import CRITERIA, SCHEDULES, adjust_dropout_, schedule_epochs, step_masks
+from compression.pruning import CRITERIA, SCHEDULES, adjust_dropout_, check_block, schedule_epochs, step_masks
 from logger import get_logger
 from trainer.callbacks.args import StrictArgs, validated
 from trainer.callbacks.best import reset_best
@@ -52,6 +52,7 @@ class PruningArgs(StrictArgs):
     reset_weights: bool = False  # rewind survivors to their fit-start values after each step (lottery ticket)
     adjust_dropout: bool = False  # D_r = D_o * sqrt(C_ir / C_io) for the dropout feeding each pruned layer
     splicing: bool = False  # pruned weights keep learning in a shadow copy until the last step and may come back
+    block: int | dict[str, int] = 1  # magnitude: keep/drop runs of this many consecutive weights of a row
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -75,6 +76,12 @@ class PruningArgs(StrictArgs):
         if self.splicing and (self.schedule == "one_shot" or self.reset_weights):
             raise ValueError("splicing lets later pruning steps bring weights back: it needs a schedule of several "
                              "steps ('every', 'gradual' or 'epochs'), not 'one_shot', and no reset_weights")
+        blocks = self.block.values() if isinstance(self.block, dict) else [self.block]
+        if any(b < 1 for b in blocks):
+            raise ValueError(f"block must be >= 1 (1: weight by weight), got {self.block}")
+        if any(b > 1 for b in blocks) and self.criterion != "magnitude":
+            raise ValueError(f"block applies to criterion 'magnitude' (each layer to its keep_ratio), not "
+                             f"{self.criterion!r}")
         if self.start_epoch < 0 or self.prune_every < 1:
             raise ValueError(f"start_epoch must be >= 0 and prune_every >= 1, got {self.start_epoch} and "
                              f"{self.prune_every}")
@@ -90,7 +97,8 @@ class IterativePruning(Callback):
     """Prunes the selected layers at the scheduled epochs.
 
     Takes the keyword arguments of ``PruningArgs`` (criterion, keep_ratio or sensitivity, layers,
-    prune_bias, schedule, epochs, start_epoch, end_epoch, prune_every, reset_weights, adjust_dropout, splicing).
+    prune_bias, schedule, epochs, start_epoch, end_epoch, prune_every, reset_weights, adjust_dropout, splicing,
+    block).
     ``schedule``: ``one_shot`` (at ``start_epoch``), ``epochs`` (the list ``epochs``), ``every`` (from
     ``start_epoch`` every ``prune_every`` epochs up to ``end_epoch``) or ``gradual`` (same epochs, cubic
     schedule of Zhu & Gupta 2017). Multi-step schedules reach the target at the last step.
@@ -106,6 +114,8 @@ class IterativePruning(Callback):
         self.schedule, self.epochs, self.start_epoch = args.schedule, args.epochs, args.start_epoch
         self.end_epoch, self.prune_every = args.end_epoch, args.prune_every
         self.reset_weights, self.adjust_dropout, self.splicing = args.reset_weights, args.adjust_dropout, args.splicing
+        self.block = args.block
+        self.blocks: dict[str, int] = {}  # {weight name: block length}, set by check()
         self.shadow: dict[str, torch.Tensor] = {}  # splicing: pruned weights' shadow values (0 where kept)
         self._grads: dict[str, torch.Tensor] = {}  # splicing: this step's gradients, before they are masked
         self.initial_state: dict[str, torch.Tensor] = {}  # for reset_weights
@@ -122,7 +132,8 @@ class IterativePruning(Callback):
 
         Raises:
             ValueError: unknown or ambiguous layer names (listing the prunable ones), epochs beyond
-                ``max_epochs``, or a criterion that cannot apply to a selected layer.
+                ``max_epochs``, a criterion that cannot apply to a selected layer, or a block that does not
+                split a layer's rows.
         """
         targets = per_layer(model, self.target, self.layers, "keep_ratio" if self.criterion != "std" else "sensitivity")
         if not targets:
@@ -131,6 +142,17 @@ class IterativePruning(Callback):
         for name in targets:
             if self.criterion == "std" and layers[name].weight.numel() < 2:
                 raise ValueError(f"criterion 'std' cannot apply to {name}: it has fewer than 2 weights")
+        blocks = per_layer(model, self.block, None, "block") if isinstance(self.block, dict) else (
+            dict.fromkeys(targets, self.block) if self.block > 1 else {})
+        self.blocks = {}
+        for name, block in blocks.items():
+            if name not in targets:
+                raise ValueError(f"block: {name} is not pruned (pruned layers: {', '.join(targets)})")
+            try:
+                check_block(layers[name].weight.shape, block)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+            self.blocks[f"{name}.weight"] = block
         self.steps = schedule_epochs(self.schedule, max_epochs, self.epochs, self.start_epoch, self.end_epoch,
                                      self.prune_every)
         if self.splicing and len(self.steps) < 2:
@@ -199,7 +221,7 @@ class IterativePruning(Callback):
                        else w.clone() for n, w in weights.items()}
             current = {}
         masks = step_masks(self.criterion, weights, {n: t for n, (_, t) in params.items()}, step, len(self.steps),
-                           self.schedule == "gradual", current)
+                           self.schedule == "gradual", current, self.blocks)
         if trainer.world_size > 1:  # identical on every rank by construction; broadcasting makes it certain
             masks = trainer.strategy.broadcast(masks, src=0)
         if self.reset_weights:

@@ -1,0 +1,71 @@
+"""``IterativePruning.block``: magnitude pruning by runs of consecutive weights (vector-level granularity)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_resume_equals_whole, load_ckpt, whole_and_cut_runs, write_config
+
+import builders
+from compression import range_codec
+from dcz import read_compressed
+from parse_config import ConfigError, parse_config
+
+BLOCKS = {"fc1": 4, "fc2": 4}
+PRUNING = {"keep_ratio": 0.1, "schedule": "gradual", "start_epoch": 0, "end_epoch": 3, "prune_every": 1,
+           "block": BLOCKS}
+
+
+@pytest.mark.parametrize("splicing", [False, True])
+def test_resume_between_block_pruning_steps_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        splicing: bool) -> None:
+    callbacks = {"IterativePruning": {**PRUNING, "splicing": splicing}, "Quantization": {"bits": 3, "epoch": 4}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=6, stop_after=1)
+    cut = load_ckpt(run / "last.ckpt")["masks"]
+    assert_resume_equals_whole(whole, run)
+    best = load_ckpt(run / "best.ckpt")
+    for name, mask in best["masks"].items():
+        block = BLOCKS.get(name.split(".")[0], 1)
+        runs = mask.reshape(-1, block)
+        assert torch.equal(runs.any(1), runs.all(1)), name  # whole blocks only
+        assert int(mask.sum()) == block * round(0.1 * mask.numel() / block), name
+        if not splicing:
+            assert not (mask & ~cut[name]).any()  # nothing grew back across the resume
+    decoded, _ = read_compressed(run / "model.dcz")  # the file is the model it was written from, bit for bit
+    for name, value in decoded.state_dict().items():
+        assert torch.equal(value.view(torch.int32), best["state_dict"][f"model.{name}"].view(torch.int32)), name
+
+
+def test_a_blocky_mask_costs_fewer_position_bytes_in_the_range_codec() -> None:
+    rng = np.random.default_rng(0)
+    rows, cols, block, kept_blocks = 300, 784, 4, 6_000  # 10 % kept
+    starts = np.sort(rng.choice(rows * cols // block, kept_blocks, replace=False)) * block
+    blocky = (starts[:, None] + np.arange(block)).ravel()
+    scattered = np.sort(rng.choice(rows * cols, len(blocky), replace=False))
+    sizes = [len(range_codec.encode_positions(p, rows * cols, cols)) for p in (blocky, scattered)]
+    assert sizes[0] < 0.6 * sizes[1], sizes
+    data = range_codec.encode_positions(blocky, rows * cols, cols)
+    assert np.array_equal(range_codec.decode_positions(data, rows * cols, cols, len(blocky)), blocky)
+
+
+@pytest.mark.parametrize(("pruning", "match"), [
+    ({"keep_ratio": 0.1, "block": {"fc1": 5}}, r"fc1: block 5 does not split rows of 784 weights; blocks that do: "
+                                              r"2, 4, 7, 8"),
+    ({"keep_ratio": 0.1, "block": 0}, r"block must be >= 1 \(1: weight by weight\), got 0"),
+    ({"keep_ratio": {"fc1": 0.1}, "block": {"fc2": 4}}, r"block: fc2 is not pruned \(pruned layers: fc1\)"),
+    ({"criterion": "std", "sensitivity": 1.0, "block": 4}, r"block applies to criterion 'magnitude'"),
+    ({"criterion": "global", "keep_ratio": 0.1, "block": {"fc1": 4}}, r"block applies to criterion 'magnitude'"),
+    ({"keep_ratio": 0.1, "block": {"fc7": 4}}, r"'fc7' is not a prunable layer of LeNet300"),
+])
+def test_block_is_checked_when_the_config_is_read(tmp_path: Path, idx_dir: Path, pruning: dict[str, Any],
+                                                  match: str) -> None:
+    path = write_config(tmp_path, idx_dir, "bad", {"IterativePruning": pruning}, max_epochs=2)
+    with pytest.raises(ConfigError, match=match):
+        cfg = parse_config(json.loads(path.read_text()))
+        builders.build_config_callbacks(cfg, builders.build_model(cfg))
