@@ -17,7 +17,8 @@ The entropy coder is chosen per file and recorded per tensor: ``codec="huffman"`
 its entries carry no ``codec`` field, so such files are byte-identical to those written before the choice
 existed) or ``codec="range"`` (entries ``"codec": "range-v1"``, ``compression.range_codec``: the same
 sections, range-coded with adaptive models, positions coded from the mask itself, so no fillers and no
-``index_bits``). A reader meeting a codec it does not know says so.
+``index_bits``; ``"range-v2"`` where the kept weights are whole runs of a row and coding the runs is shorter,
+``compression.range_tensor``). A reader meeting a codec it does not know says so.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from compression import huffman, range_codec
 from compression.quantization import dequantize
 from compression.range_tensor import range_entries, range_entry
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, encode_positions
-from compression.tensor_entry import (CODECS, DEFAULT_CODEC, HUFFMAN, MAX_CLUSTERS, TensorStats, codebook_of,
+from compression.tensor_entry import (CODECS, DEFAULT_CODEC, HUFFMAN, MAX_CLUSTERS, READABLE, TensorStats, codebook_of,
                                       int_field, numel_of, section_of, values_of)
 from compression.tensor_entry import f32_bytes as _f32
 
@@ -192,10 +193,10 @@ def decode_entries(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[n
     if encoding not in ("sparse", "quantized"):
         raise ValueError(f"{name}: unknown encoding {encoding!r}")
     codec = entry.get("codec", HUFFMAN)
-    if codec not in CODECS.values():
-        raise ValueError(f"{name}: unknown codec {str(codec)[:40]!r}; this reader knows {', '.join(CODECS.values())} "
+    if codec not in READABLE:
+        raise ValueError(f"{name}: unknown codec {str(codec)[:40]!r}; this reader knows {', '.join(READABLE)} "
                          f"(a file from a newer version?)")
-    if codec == range_codec.CODEC:
+    if codec in (range_codec.CODEC, range_codec.CODEC_BLOCKS):
         try:
             return range_entries(entry, sections, encoding)
         except ValueError as err:  # the coder's messages do not know the tensor; the entry's own checks do

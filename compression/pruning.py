@@ -81,11 +81,11 @@ def magnitude_mask(weight: torch.Tensor, keep_ratio: float, mask: torch.Tensor |
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     if block == 1:
-        return _keep_top(weight.detach().abs(), _alive(weight, mask), int(round(keep_ratio * weight.numel())))
+        return _keep_top(weight.detach().abs(), _alive(weight, mask), round(keep_ratio * weight.numel()))
     check_block(weight.shape, block)
     scores = weight.detach().abs().reshape(-1, block).float().mean(1)
     alive = _alive(weight, mask).reshape(-1, block).all(1)
-    keep = _keep_top(scores, alive, int(round(keep_ratio * weight.numel() / block)))
+    keep = _keep_top(scores, alive, round(keep_ratio * weight.numel() / block))
     return keep.repeat_interleave(block).view_as(weight)
 
 

@@ -18,6 +18,7 @@ from compression import range_codec
 HUFFMAN = "huffman-v1"  # the codec of an entry without a "codec" field: the paper's layout
 CODECS = {"huffman": HUFFMAN, "range": range_codec.CODEC}  # export.codec -> what the header records
 DEFAULT_CODEC = "huffman"
+READABLE = (*CODECS.values(), range_codec.CODEC_BLOCKS)  # what the header may record (range-v2: the encoder's choice)
 MAX_CLUSTERS = 1 << 16  # 2**compression.quantization.MAX_BITS: a range-coded header declaring more is corrupt
 
 

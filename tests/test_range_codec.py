@@ -195,6 +195,67 @@ def range_tensor() -> tuple[dict[str, Any], dict[str, bytes]]:
     return entry, dict(sections)
 
 
+@pytest.fixture()
+def blocky_tensor() -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A quantized 40x80 tensor whose kept weights are 10 % of the runs of 4 of a row (``IterativePruning.block``),
+    as range-v2 entry and sections."""
+    torch.manual_seed(3)
+    mask, codebook = (torch.rand(40, 20) < 0.1).repeat_interleave(4, 1), torch.linspace(-1, 1, 7)
+    index = torch.randint(0, 7, (int(mask.sum()),))
+    w = torch.zeros(40, 80).masked_scatter(mask, codebook[index])
+    entry, sections, stats = encode_tensor("w", w, mask, codebook, index, codec="range")
+    assert (entry["codec"], entry["block"], stats.codec) == ("range-v2", 4, "range-v2")
+    assert torch.equal(decode_tensor(entry, dict(sections)), w)
+    v1 = range_codec.encode_positions(np.flatnonzero(mask.flatten().numpy()), 3200, 80)
+    assert len(dict(sections)["w:position"]) < len(v1)  # why the encoder chose it
+    return entry, dict(sections)
+
+
+@pytest.mark.parametrize(("block", "shape", "expected"), [
+    (4, (40, 80), 4), (8, (40, 80), 8), (16, (40, 80), 16), (32, (40, 80), 16),  # 32 does not divide 80
+    (5, (50, 20, 5, 5), 5),  # a conv kernel's rows; runs longer than the row (25) of a 1-D view are not merged
+    (1, (40, 80), 1),
+])
+def test_block_of_finds_the_longest_aligned_run_that_divides_the_row(block: int, shape: tuple[int, ...],
+                                                                      expected: int) -> None:
+    rng = np.random.default_rng(1)
+    numel = int(np.prod(shape))
+    starts = np.sort(rng.choice(numel // block, numel // block // 10, replace=False)) * block
+    positions = (starts[:, None] + np.arange(block)).ravel()
+    assert range_codec.block_of(positions, range_codec.block_row(shape)) in (expected, 2 * expected)
+    assert range_codec.block_of(positions + 1, range_codec.block_row(shape)) == 1 or block == 1  # not aligned
+    assert range_codec.block_of(np.zeros(0, np.int64), 80) == 1
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3200])
+def test_edge_masks_round_trip_whatever_codec_the_encoder_picks(kept: int) -> None:
+    mask = torch.zeros(40, 80, dtype=torch.bool)
+    mask.view(-1)[:kept] = True
+    w = torch.randn(40, 80).masked_fill(~mask, 0.0)
+    entry, sections, _ = encode_tensor("w", w, mask, codec="range")
+    assert torch.equal(decode_tensor(entry, dict(sections)), w)
+    if kept < 3200:  # nothing or one weight kept: no runs (a full mask is runs of 40: either codec may win)
+        assert entry["codec"] == "range-v1" and "block" not in entry
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("block", 8, "w: position stream"),  # runs of 8 hold other positions: the CRC or the count fails
+    ("block", 3, r"w: block 3 does not split rows of 80 weights into runs holding the \d+ kept"),
+    ("block", 1, "w: block 1 does not split"),
+    ("block", 80, "w: block 80 does not split"),
+    ("block", True, "w: header field 'block' must be a non-negative integer, got True"),
+    ("block", None, "w: header field 'block' must be a non-negative integer, got None"),
+    ("kept", 6, "w: block 4 does not split rows of 80 weights into runs holding the 6 kept"),
+    ("kept", 3204, "w: 3204 kept weights declared for a tensor of 3200"),
+    ("codec", "range-v1", "w: header field 'block' belongs to range-v2 entries, not range-v1"),
+])
+def test_range_v2_header_fields_are_checked(blocky_tensor: tuple[dict, dict], field: str, value: Any,
+                                            match: str) -> None:
+    entry, sections = blocky_tensor
+    with pytest.raises(ValueError, match=f"^{match}"):
+        decode_tensor({**entry, field: value}, sections)
+
+
 @pytest.mark.parametrize(("kind", "edit", "match"), [
     ("position", lambda d: d[:-4], "w: position stream is corrupt"),  # truncated by one word
     ("position", lambda d: d[:-1], "w: position stream has \\d+ bytes, not a whole number of 32-bit words"),
@@ -212,10 +273,12 @@ def test_corrupt_streams_are_rejected(range_tensor: tuple[dict, dict], kind: str
         decode_tensor(entry, {**sections, f"w:{kind}": edit(sections[f"w:{kind}"])})
 
 
-def test_mutated_streams_fail_with_our_message_or_decode_identically(range_tensor: tuple[dict, dict]) -> None:
+@pytest.mark.parametrize("tensor", ["range_tensor", "blocky_tensor"])
+def test_mutated_streams_fail_with_our_message_or_decode_identically(tensor: str, request: pytest.FixtureRequest
+                                                                     ) -> None:
     """Seeded damage inside the streams themselves (below the file's CRCs): truncations, bit flips, stray and
     missing words. Anything but a clean ValueError (a crash, another exception, a hang) fails the test."""
-    entry, sections = range_tensor
+    entry, sections = request.getfixturevalue(tensor)
     expected, rng = decode_tensor(entry, sections), np.random.default_rng(0)
     refused = 0
     for case in range(300):
@@ -246,7 +309,8 @@ def test_mutated_streams_fail_with_our_message_or_decode_identically(range_tenso
     ("kept", 3201, "w: 3201 kept weights declared for a tensor of 3200"),
     ("clusters", 8, "w: codebook has 28 bytes for 8 clusters"),
     ("clusters", 0, "w: codebook has 28 bytes for 0 clusters"),
-    ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1"),
+    ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1, range-v2"),
+    ("block", 4, "w: header field 'block' belongs to range-v2 entries, not range-v1"),
     ("shape", [20, 160], "w: position stream"),  # another row length: other lanes, other contexts
 ])
 def test_header_fields_are_checked(range_tensor: tuple[dict, dict], field: str, value: Any, match: str) -> None:
@@ -262,9 +326,9 @@ def test_a_file_with_an_unknown_codec_names_the_tensor(tmp_path: Path) -> None:
     model = LeNet300()
     path = tmp_path / "m.dcz"
     save_compressed(model, path, arch=LENET300, codec="range", **compress_like_the_paper(model, 0.1, 4))
-    rewrite_header(path, lambda h: h["tensors"][0].update(codec="range-v2"))
-    with pytest.raises(CompressedFileError, match=r"fc1.weight: unknown codec 'range-v2'; this reader knows "
-                                                  r"huffman-v1, range-v1 \(a file from a newer version\?\)"):
+    rewrite_header(path, lambda h: h["tensors"][0].update(codec="range-v3"))
+    with pytest.raises(CompressedFileError, match=r"fc1.weight: unknown codec 'range-v3'; this reader knows "
+                                                  r"huffman-v1, range-v1, range-v2 \(a file from a newer version\?\)"):
         read_compressed(path)
 
 
