@@ -24,9 +24,11 @@ switching one technique on at a time:
    error is the file's, biases rounded);
 6. ``+ shared biases``: that cycle trained again with the recipe's ``Quantization.bias_bits`` (the long
    biases share a fine-tuned codebook), range-coded with float16 for the short ones: the beyond recipe's
-   compression cycle as shipped.
+   compression cycle as shipped;
+7. ``+ block pruning`` (when the recipe's ``IterativePruning`` has a ``block``): that cycle again with it, the
+   same keep ratios in runs of weights (range-v2 codes their positions); then this row is the recipe as shipped.
 
-Rows 1-5 run without ``bias_bits`` (their biases are stored raw).
+Rows 1-5 run without ``bias_bits`` (their biases are stored raw), rows 1-6 without ``block``.
 
 ``--scales`` adds points to the curve: both recipes with every keep ratio times each scale (1.0 is the
 table's rows). Into ``--out``: ``ablation_<model>.md``, ``ablation_<model>.json``, ``rate_vs_error_<model>.png``.
@@ -91,9 +93,10 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
 
 def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
                       distill: bool, codec: str, shared_biases: bool = False,
-                      teacher: list[str] | None = None, hints: bool = True) -> dict[str, Any]:
+                      teacher: list[str] | None = None, hints: bool = True, blocks: bool = False) -> dict[str, Any]:
     """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
-    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases).
+    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases; its
+    ``IterativePruning.block`` only with ``blocks``).
     With ``distill``, ``teacher`` (checkpoints, ``"self"``: the dense model) teaches, else the dense model itself
     (the recipe's own ``Distillation.teacher`` never: its configs would be trained again by every row); its
     ``Distillation.features`` only with ``hints``."""
@@ -103,6 +106,8 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     cbs["IterativePruning"].update(keep_ratio=keep, start_epoch=cbs["IterativePruning"]["start_epoch"] - shift,
                                    end_epoch=cbs["IterativePruning"]["end_epoch"] - shift)
     cbs["Quantization"].update(bits=bits, epoch=cbs["Quantization"]["epoch"] - shift)
+    if not blocks:
+        cbs["IterativePruning"].pop("block", None)
     if not shared_biases:
         cbs["Quantization"].pop("bias_bits", None)
     if distill:
@@ -229,6 +234,12 @@ def scaled(keep: dict[str, float], scale: float) -> dict[str, float]:
     return {k: round(min(1.0, v * scale), 4) for k, v in keep.items()}
 
 
+def runs(block: int | dict[str, int] | None, layer: str) -> str:
+    """`` in runs of b`` where ``IterativePruning.block`` prunes ``layer`` in runs (a type key is not matched)."""
+    b = (block.get(layer, 1) if isinstance(block, dict) else block) or 1
+    return f" in runs of {b}" if b > 1 else ""
+
+
 def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str, command: str) -> str:
     lines = [f"# Ablation: {model} on Fashion-MNIST, every row from the same dense checkpoint", "",
              f"`{command}` at commit `{commit}`. Dense top-1 error {dense_err:.2f} % (test split); each row is the "
@@ -237,7 +248,7 @@ def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str,
              "| row | keep ratios | bits | codec | teacher | biases | file bytes | rate | top-1 error | vs dense |",
              "|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        keep = " / ".join(f"{k} {100 * v:g}%" for k, v in r["keep"].items())
+        keep = " / ".join(f"{k} {100 * v:g}%{runs(r.get('block'), k)}" for k, v in r["keep"].items())
         bits = " / ".join(f"{k} {v}" for k, v in r["bits"].items())
         biases = r.get("raw_dtype", "float32") + (f", long ones {r['bias_bits']}-bit" if r.get("bias_bits") else "")
         teacher = r.get("teacher") or ("itself" if r["distill"] else "no")
@@ -295,6 +306,8 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
     if hinted:  # the taught rows above without the recipe's feature term, then with it
         variants.append(("+ feature hints", ours_keep, ours_bits, True, teacher))
     last_taught = variants[-1][0]
+    blocky = bool(beyond["trainer"]["callbacks"]["IterativePruning"].get("block"))
+    shipped = "+ block pruning" if blocky else "+ shared biases"
     fits = []
     for scale in scales:
         for i, (name, keep, bits, distill, by) in enumerate(variants):
@@ -309,12 +322,15 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
                                                 hints=hints),
                          {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
             if name == last_taught:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
-                cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True,
-                                        teacher=by)
-                fits.append((tag + "_biases", cfg, {
-                    **fields, "last_taught": False, "recipe": "+ shared biases", "distill": True, "codec": "range",
-                    "raw_dtype": cfg["export"]["raw_dtype"],
-                    "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
+                last = [("_biases", "+ shared biases"), ("_blocks", "+ block pruning")][:2 if blocky else 1]
+                for suffix, recipe in last if scale == 1.0 else last[-1:]:  # the curve needs the shipped one only
+                    cfg = compression_cycle(beyond, dense, tag + suffix, keep, bits, True, "range", shared_biases=True,
+                                            teacher=by, blocks=suffix == "_blocks")
+                    fits.append((tag + suffix, cfg, {
+                        **fields, "last_taught": False, "recipe": recipe, "distill": True, "codec": "range",
+                        "raw_dtype": cfg["export"]["raw_dtype"], "shipped": recipe == shipped,
+                        "block": cfg["trainer"]["callbacks"]["IterativePruning"].get("block"),
+                        "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
     return fits
 
 
@@ -368,7 +384,7 @@ def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict
             rows.append(row)
             if fields.get("last_taught"):  # the same checkpoint, range-coded, then float16 biases
                 rows += [recode(row, "+ range codec", "float32"), recode(row, "+ float16 biases", "float16")]
-        if fields["recipe"] in ("paper", "+ shared biases"):  # the paper's and the shipped recipe's
+        if fields["recipe"] == "paper" or fields.get("shipped"):  # the paper's and the shipped recipe's
             label = "ours, beyond the paper" if fields["distill"] else "paper-faithful (Han 2016)"
             points.setdefault(label, []).append((row["rate"], row["top1_err"]))
     dense_err = rows[0]["dense_top1_err"]
@@ -392,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/ablation.py", *argv])
     text = table(args.model, dense_err, rows, commit, command)
-    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "bias_bits", "distill", "teacher", "dcz_bytes", "rate",
+    keys = ("recipe", "keep", "block", "bits", "codec", "raw_dtype", "bias_bits", "distill", "teacher", "dcz_bytes",
+            "rate",
             "top1_err", "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
     data = {"model": args.model, "commit": commit, "command": command,
             "rows": [{k: r.get(k) for k in keys} for r in rows],

@@ -86,6 +86,23 @@ def test_feature_hints_get_a_row_of_their_own_after_the_taught_rows() -> None:
     assert fits[3][1]["trainer"]["callbacks"]["Distillation"]["feature_weight"] == 0.5
 
 
+def test_block_pruning_gets_the_last_row_and_the_curve_point() -> None:
+    beyond, paper = ablation.read_recipe("lenet5", "beyond"), ablation.read_recipe("lenet5", "pipeline")
+    beyond["trainer"]["callbacks"]["IterativePruning"]["block"] = {"fc1": 4}
+    args = ablation.get_args_parser().parse_args(["--model", "lenet5", "--scales", "1.0,1.4"])
+    fits = ablation.plan_rows(args, beyond, paper, Path("/d/dense.ckpt"))
+    assert [tag for tag, _, _ in fits] == [
+        "lenet5_ablation_1", "lenet5_ablation_2", "lenet5_ablation_3", "lenet5_ablation_3_biases",
+        "lenet5_ablation_3_blocks", "lenet5_ablation_1_x1.4", "lenet5_ablation_3_x1.4", "lenet5_ablation_3_x1.4_blocks"]
+    blocks = [cfg["trainer"]["callbacks"]["IterativePruning"].get("block") for _, cfg, _ in fits]
+    assert blocks == [None] * 4 + [{"fc1": 4}] + [None] * 2 + [{"fc1": 4}]  # the rows before it prune weight by weight
+    assert [f.get("shipped", False) for _, _, f in fits] == [False] * 4 + [True] + [False] * 2 + [True]
+    row = {"recipe": "+ block pruning", "keep": {"conv2": 0.08, "fc1": 0.025}, "bits": {"fc1": 3}, "codec": "range",
+           "distill": True, "dcz_bytes": 15000, "rate": 115.0, "top1_err": 8.6, "block": {"fc1": 4}}
+    text = ablation.table("lenet5", 8.32, [row], "abc1234", "python benchmarks/ablation.py")
+    assert "| + block pruning | conv2 8% / fc1 2.5% in runs of 4 | fc1 3 | range |" in text
+
+
 def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Path) -> None:
     beyond, paper = ablation.read_recipe("lenet300", "beyond"), ablation.read_recipe("lenet300", "pipeline")
     (tmp_path / "config.json").write_text('{"arch": {"type": "LeNet5"}}')  # the teacher's run folder
