@@ -10,7 +10,7 @@ models that the decoder rebuilds from what it has already decoded, so nothing bu
   <= g``), coded with adaptive counts chosen by the lane's density so far (the bit length of its mean gap),
   and ``b - 1`` low bits, coded uniformly. All lanes advance in lock step, one gap each per step, so a step
   is a few vectorised calls: a tensor decodes in at most ``LANE + 1`` steps, one symbol per kept weight.
-- **Positions in runs** (codec ``range-v2``, chosen by the encoder where it is shorter): when the kept weights
+- **Positions in runs** (codec ``range-v2``, chosen by the encoder where the file is shorter): when the kept weights
   form whole aligned runs of ``block`` (2..``MAX_BLOCK``) weights of a row (``IterativePruning.block``), the
   positions of the runs are coded as above in the tensor viewed with ``block`` times fewer columns.
 - **Cluster indices**: one categorical stream with Laplace counts, updated after chunks of 16, 32, ... 4096

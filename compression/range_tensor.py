@@ -8,7 +8,7 @@ kept weight, row-major) or ``codebook`` (float32, used centroids only) and ``ind
 header's ``kept`` and ``clusters`` agree with the shape and the codebook section.
 
 Where the kept weights form whole runs of ``block`` weights of a row (``IterativePruning.block``) and coding the
-runs' positions is shorter, the entry is ``"codec": "range-v2"`` with ``"block": b``: the ``position`` section
+runs' positions makes the file shorter (the header's extra field counted), the entry is ``"codec": "range-v2"`` with ``"block": b``: the ``position`` section
 codes the runs, in the tensor viewed with ``b`` times fewer columns (``range_codec.block_shape``); everything
 else is range-v1's.
 """
@@ -42,7 +42,7 @@ def range_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook
     if block > 1:
         coarse = range_codec.block_shape(shape, block)
         runs = range_codec.encode_positions(positions[::block] // block, numel // block, range_codec.row_length(coarse))
-        if len(runs) < len(pos_data):
+        if len(runs) + len(f',"block":{block}') < len(pos_data):  # shorter, the header's extra field included
             pos_data, codec = runs, range_codec.CODEC_BLOCKS
             entry.update(codec=codec, block=block)
     stats = TensorStats(name, "sparse", numel, kept, entries=kept, position_bits_huffman=8 * len(pos_data) / n,
