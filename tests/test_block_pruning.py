@@ -15,8 +15,8 @@ import builders
 from compression import range_codec
 from compression.range_tensor import range_entry
 from dcz import read_compressed
-from trainer.export import encode_checkpoint
 from parse_config import ConfigError, parse_config
+from trainer.export import encode_checkpoint
 
 BLOCKS = {"fc1": 4, "fc2": 4}
 PRUNING = {"keep_ratio": 0.1, "schedule": "gradual", "start_epoch": 0, "end_epoch": 3, "prune_every": 1,
