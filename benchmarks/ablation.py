@@ -409,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/ablation.py", *argv])
     text = table(args.model, dense_err, rows, commit, command)
     keys = ("recipe", "keep", "block", "bits", "codec", "raw_dtype", "bias_bits", "distill", "teacher", "dcz_bytes",
-            "rate",
-            "top1_err", "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
+            "rate", "top1_err", "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
     data = {"model": args.model, "commit": commit, "command": command,
             "rows": [{k: r.get(k) for k in keys} for r in rows],
             "curve": {k: [list(p) for p in sorted(v)] for k, v in points.items()}}

@@ -7,8 +7,8 @@ current mask and returns a subset of it, so pruned weights never come back.
 
 Beyond the paper, magnitude pruning can keep or drop *blocks* of ``block`` consecutive weights of a row (the
 weight viewed as ``(shape[0], rest)``), scored by their mean magnitude: the vector-level granularity of Mao et
-al. 2017 (arXiv 1705.08922). A blocky mask costs fewer bits per kept weight to locate (the range codec's gap
-model learns the runs), so a file of the same size can keep more weights.
+al. 2017 (arXiv 1705.08922). A blocky mask costs fewer bits per kept weight to locate (the range codec's
+``range-v2`` entries code the runs' positions), so a file of the same size can keep more weights.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ kept weight, row-major) or ``codebook`` (float32, used centroids only) and ``ind
 header's ``kept`` and ``clusters`` agree with the shape and the codebook section.
 
 Where the kept weights form whole runs of ``block`` weights of a row (``IterativePruning.block``) and coding the
-runs' positions makes the file shorter (the header's extra field counted), the entry is ``"codec": "range-v2"`` with ``"block": b``: the ``position`` section
-codes the runs, in the tensor viewed with ``b`` times fewer columns (``range_codec.block_shape``); everything
-else is range-v1's.
+runs' positions makes the file shorter (the header's extra field counted), the entry is ``"codec": "range-v2"``
+with ``"block": b``: the ``position`` section codes the runs, in the tensor viewed with ``b`` times fewer columns
+(``range_codec.block_shape``); everything else is range-v1's.
 """
 
 from __future__ import annotations

@@ -77,9 +77,9 @@ def to_markdown(report: dict[str, Any], title: str = "Compression report") -> st
         blocks = [r["layer"] for r in report["layers"] if r.get("codec") == "range-v2"]
         runs = f"; positions of runs of weights (range-v2) for {', '.join(blocks)}" if blocks else ""
         lines += ["", f"H = range coding (range-v1, beyond the paper) for {', '.join(ranged)}{runs}: its real coded "
-                  f"bits per kept weight; entropy in parentheses: of the cluster indices (zero-order), and of the mask as "
-                  f"independent coin flips (the per-row context can beat it). P and P+Q: the paper's fixed-width "
-                  f"layout at the index bits shown, fillers counted."]
+                  f"bits per kept weight; entropy in parentheses: of the cluster indices (zero-order), and of the "
+                  f"mask as independent coin flips (the per-row context can beat it). P and P+Q: the paper's "
+                  f"fixed-width layout at the index bits shown, fillers counted."]
     lines += ["", f"**Paper's accounting** (coded bits of every tensor, codebooks included, vs 32 bits per weight): "
               f"{t['weights']:,} weights, {t['kept']:,} non-zero ({100 * t['kept'] / max(t['weights'], 1):.2f}%); "
               f"P {t['rate_p']:.1f}×, P+Q {t['rate_pq']:.1f}×, P+Q+H **{t['rate_pqh']:.1f}×**.", "",
