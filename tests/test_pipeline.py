@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,21 @@ def test_resume_in_every_stage_equals_an_uninterrupted_run(tmp_path: Path, idx_d
     for name in a["masks"]:
         assert torch.equal(a["masks"][name], b["masks"][name]) and torch.equal(a["quant_index"][name],
                                                                                 b["quant_index"][name])
+    assert (whole_run[0] / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
+
+
+@pytest.mark.parametrize("stage", ["dense.ckpt", "pruned.ckpt"])
+def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(tmp_path: Path, stage: str,
+                                                                    whole_run: tuple[Path, str]) -> None:
+    # A stage checkpoint is written where last.ckpt is (after validation and the scheduler's step), so -r from
+    # it continues exactly as the run did; the copy keeps the whole run's files out of reach.
+    run = tmp_path / "run"
+    shutil.copytree(whole_run[0], run, ignore=shutil.ignore_patterns("last.ckpt", "best.ckpt", "model.dcz"))
+    assert train.main(["-r", str(run / stage)]) == 0
+    a, b = load_ckpt(whole_run[0] / "last.ckpt"), load_ckpt(run / "last.ckpt")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["lr_schedulers"] == b["lr_schedulers"]
     assert (whole_run[0] / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
 
 

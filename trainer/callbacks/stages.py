@@ -6,7 +6,10 @@ from the clustering epoch on the **quantize** stage (Han 2016 Fig. 1: train conn
 weights; cluster, fine-tune the codebook). This callback decides nothing about the model: it tells the
 user where the run is (stage, epoch, weights kept, bits) and, at the last epoch of every stage but the
 final one, saves ``dense.ckpt`` / ``pruned.ckpt`` in the run folder, so each stage's model stays available
-(to evaluate, or to start another recipe from with ``--weights``). ``-r last.ckpt`` resumes any stage.
+(to evaluate, or to start another recipe from with ``--weights``). ``-r last.ckpt`` resumes any stage, and so
+does ``-r`` of a stage checkpoint: it is written where ``last.ckpt`` is (Lightning runs ``Checkpoint`` callbacks'
+``on_train_epoch_end`` after the module's, so the epoch's scheduler step is in it) and after it (it comes later
+in the callback list), so a run resumed from it continues exactly as the run did from there.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from compression.layers import prunable_layers
@@ -53,7 +56,7 @@ def plan_stages(max_epochs: int, pruning_epochs: list[int], quantize_epoch: int 
     return stages
 
 
-class PipelineStages(Callback):
+class PipelineStages(Checkpoint):
     """Logs each epoch's stage, times the stages and saves the model at the end of each non-final stage.
 
     Args:
