@@ -56,7 +56,7 @@ def plan_stages(max_epochs: int, pruning_epochs: list[int], quantize_epoch: int 
     return stages
 
 
-class PipelineStages(Checkpoint):
+class PipelineStages(Checkpoint):  # a Checkpoint, so that its saves see the epoch's scheduler step (see above)
     """Logs each epoch's stage, times the stages and saves the model at the end of each non-final stage.
 
     Args:
