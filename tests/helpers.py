@@ -298,12 +298,13 @@ def whole_and_cut_runs(tmp_path: Path, idx_dir: Path, monkeypatch: Any, callback
     return only_run(tmp_path / "whole"), only_run(tmp_path / "cut")
 
 
-def assert_resume_equals_whole(whole: Path, cut: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Resumes ``cut`` from its last.ckpt and checks it ends as ``whole`` did: every tensor of the state and the
+def assert_resume_equals_whole(whole: Path, cut: Path,
+                               ckpt: str = "last.ckpt") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Resumes ``cut`` from its ``ckpt`` and checks it ends as ``whole`` did: every tensor of the state and the
     masks equal, ``model.dcz`` byte for byte; returns both last checkpoints."""
     import train
 
-    assert train.main(["-r", str(cut / "last.ckpt")]) == 0
+    assert train.main(["-r", str(cut / ckpt)]) == 0
     a, b = load_ckpt(whole / "last.ckpt"), load_ckpt(cut / "last.ckpt")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT, StopAfter, load_ckpt, load_script, only_run, tiny_config
+from helpers import ROOT, StopAfter, assert_resume_equals_whole, load_ckpt, load_script, only_run, tiny_config
 
 import builders
 import utils
@@ -108,12 +108,8 @@ def test_resume_from_a_stage_checkpoint_equals_an_uninterrupted_run(tmp_path: Pa
     # it continues exactly as the run did; the copy keeps the whole run's files out of reach.
     run = tmp_path / "run"
     shutil.copytree(whole_run[0], run, ignore=shutil.ignore_patterns("last.ckpt", "best.ckpt", "model.dcz"))
-    assert train.main(["-r", str(run / stage)]) == 0
-    a, b = load_ckpt(whole_run[0] / "last.ckpt"), load_ckpt(run / "last.ckpt")
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
+    a, b = assert_resume_equals_whole(whole_run[0], run, stage)
     assert a["lr_schedulers"] == b["lr_schedulers"]
-    assert (whole_run[0] / "model.dcz").read_bytes() == (run / "model.dcz").read_bytes()
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*_pipeline.json")))
