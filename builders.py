@@ -6,6 +6,7 @@ below the config layer imports this module, so ``trainer/`` never depends on the
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Collection
@@ -14,20 +15,25 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar,
+                                         TQDMProgressBar)
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from logger import get_logger
-from parse_config import METRICS, Config, ConfigError, instantiate, load_config
+from compression.sensitivity import Metrics
+from parse_config import Config, ConfigError, ExportConfig, instantiate, load_config
+from teacher import use_teacher
 from trainer.callbacks import CALLBACKS, Distillation, IterativePruning, Quantization
 from trainer.callbacks.stages import PipelineStages, plan_stages
+from data import DATAMODULES
 from trainer.checkpoint_io import AtomicCheckpointIO
-from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
-from trainer.lit_model import LitClassifier, network_state
-from utils import CheckpointError, load_checkpoint
+from trainer.export import encode_checkpoint
+from trainer.lit_model import METRICS, LitClassifier, TrainingParts, load_weights
+from trainer.optim import LOSSES
+from utils import load_checkpoint
 
-Metrics = dict[str, float]  # {"top1_err": %, "top5_err": %, "loss": ...}
+TQDM_REFRESH_BATCHES = 25  # Lightning redraws its tqdm bar every n batches: each redraw of a LeNet epoch costs ~1 %
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -40,27 +46,27 @@ def build_datamodule(cfg: Config) -> pl.LightningDataModule:
     return instantiate(cfg.data_loader, "data_loader")
 
 
+def training_parts(cfg: Config, metrics: tuple[str, ...] | None = None) -> TrainingParts:
+    """The typed parts ``LitClassifier`` trains with: loss, optimizer and scheduler factories, clipping."""
+    scheduler = cfg.lr_scheduler
+    return TrainingParts(
+        num_classes=int(cfg.arch.args["num_classes"]), loss=LOSSES[cfg.loss],
+        optimizer=functools.partial(cfg.optimizer.target, **cfg.optimizer.args),
+        scheduler=functools.partial(scheduler.target, **scheduler.args) if scheduler is not None else None,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, metrics=tuple(metrics or cfg.metrics),
+        checkpoint_config=cfg.model_dump())
+
+
 def build_lit_model(cfg: Config, load_pretrained: bool = True) -> LitClassifier:
     """The LightningModule; with ``cfg.pretrained`` set, its weights (and pruning masks) start from that
     checkpoint, so a new run from a pruned checkpoint keeps its zeros."""
     model = build_model(cfg)
-    lit_model = LitClassifier(model, cfg.model_dump())
+    lit_model = LitClassifier(model, training_parts(cfg))
     if cfg.pretrained and load_pretrained:
         ckpt = load_checkpoint(cfg.pretrained)
         load_weights(model, ckpt, cfg.pretrained)
         lit_model.load_compression(ckpt, resume=False)  # a new run: its own recipe sizes unused codebooks
     return lit_model
-
-
-def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match)."""
-    try:
-        result = model.load_state_dict(network_state(ckpt), strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {str(err)[:300]}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def load_trained_model(ckpt_path: str | Path, config_path: str | Path | None,
@@ -99,64 +105,10 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
                               f"their masks are fixed; prune from an unquantized checkpoint or select other layers "
                               f"with `layers`")
         if isinstance(callback, Distillation):
-            for i, member in enumerate(callback.members):
-                if member == "self":
-                    continue
-                teacher = teacher_config(cfg, member)  # a config is trained by train.py, then loaded like a checkpoint
-                if callback.features and (theirs := _arch_of(teacher)) != (mine := _arch_of(cfg)):
-                    raise ConfigError(f"trainer.callbacks.Distillation.features: the teacher {member} is a "
-                                      f"{theirs[0]} {theirs[1]}, this run trains a {mine[0]} {mine[1]}; features need a teacher of the student's architecture "
-                                      "(its layers named and shaped alike): drop `features` or teach with that one")
-                if member.endswith(".ckpt"):
-                    callback.use(load_teacher(cfg, member), i)
-        if isinstance(callback, IterativePruning) and callback.splicing and cfg.trainer.precision == "16-mixed":
-            raise ConfigError("trainer.callbacks.IterativePruning: splicing steps the pruned weights' shadows with "
-                              "the raw gradients, which precision '16-mixed' scales; use '32-true' or 'bf16-mixed'")
+            use_teacher(cfg, callback)  # a checkpoint now; a config once train.py has trained it
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks
-
-
-def _arch_of(cfg: Config) -> tuple[str, dict]:
-    """The architecture a config builds, up to ``num_classes`` (filled in from the data, checked separately)."""
-    return cfg.arch.type, {k: v for k, v in cfg.arch.args.items() if k != "num_classes"}
-
-
-def teacher_config(cfg: Config, path: str | Path) -> Config:
-    """The config of ``Distillation.teacher`` (a .json, or the one stored with a .ckpt), checked against the run:
-    the same dataset and number of classes, so that its outputs are soft labels of this run's inputs.
-
-    Raises:
-        ConfigError: no such file, a bad config, or another dataset / number of classes.
-    """
-    key = "trainer.callbacks.Distillation.teacher"
-    if not Path(path).is_file():
-        raise ConfigError(f"{key}: {path}: no such file (a checkpoint of the teacher, or its config to train it)")
-    try:
-        teacher = load_config(path, None, []) if str(path).endswith(".json") else load_config(None, path, [])
-    except (ConfigError, CheckpointError) as err:
-        raise ConfigError(f"{key}: {path}: {err}") from None
-    mine = (cfg.data_loader.type, int(cfg.arch.args.get("num_classes", 10)))
-    theirs = (teacher.data_loader.type, int(teacher.arch.args.get("num_classes", 10)))
-    if mine != theirs:
-        raise ConfigError(f"{key}: {path} is a teacher for {theirs[0]} with {theirs[1]} classes; this run trains "
-                          f"on {mine[0]} with {mine[1]} classes: pass a teacher of the same data")
-    return teacher
-
-
-def load_teacher(cfg: Config, path: str | Path) -> nn.Module:
-    """The network of a teacher checkpoint, with its weights (checked by ``teacher_config``).
-
-    Raises:
-        ConfigError: see ``teacher_config``; or the weights do not fit the network its config names.
-    """
-    teacher = teacher_config(cfg, path)
-    try:
-        model = build_model(teacher)
-        load_weights(model, load_checkpoint(path), path)
-    except CheckpointError as err:
-        raise ConfigError(f"trainer.callbacks.Distillation.teacher: {err}") from None
-    return model
 
 
 def _check_order(callbacks: list[Callback]) -> None:
@@ -204,7 +156,7 @@ def progress_bar(cfg: Config) -> list[Callback]:
     if cfg.trainer.progress_bar == "rich":
         return [RichProgressBar()]
     if cfg.trainer.progress_bar == "tqdm":
-        return [TQDMProgressBar()]  # trainer/lean.py: redrawn by time (5 a second), not every n batches
+        return [TQDMProgressBar(refresh_rate=TQDM_REFRESH_BATCHES)]
     return []
 
 
@@ -230,7 +182,6 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
         deterministic=tc.deterministic,  # no gradient_clip_val: LitClassifier clips (manual optimization)
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
         enable_progress_bar=tc.progress_bar != "none",
-        profiler=NullProfiler(),  # Lightning's default minus its per-hook cost (trainer/lean.py)
         plugins=[AtomicCheckpointIO()],  # a crash or a full disk never truncates a checkpoint
     )
     if run_dir is None:
@@ -266,8 +217,7 @@ def make_evaluator(cfg: Config, model: nn.Module, split: str, limit_batches: int
         DataNotFoundError: the data is missing (raised here, before any output).
         ConfigError: an empty validation split, or a Trainer setting Lightning refuses.
     """
-    config = {**cfg.model_dump(), "metrics": list(METRICS), "pretrained": None}  # both errors, always
-    lit_model = LitClassifier(model, config)
+    lit_model = LitClassifier(model, training_parts(cfg, metrics=METRICS))  # both errors, always
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # read the data now: missing data fails here, before any output...
     datamodule.setup("validate" if split == "val" else "test")
@@ -297,3 +247,48 @@ def make_evaluator(cfg: Config, model: nn.Module, split: str, limit_batches: int
         return {name: float(metrics[f"{split}/{name}"]) for name in ("top1_err", "top5_err", "loss")}
 
     return evaluate
+
+
+# ------------------------------------------------------------------- the .dcz file's evaluation metadata
+# Where the data is and whether to download it are the evaluating user's to say, never the file's: a file
+# that named a folder would decide where test.py writes, and would leak the training machine's paths.
+MACHINE_KEYS = ("data_dir", "download")
+
+
+def file_metadata(cfg: Config) -> dict[str, Any]:
+    """Header fields beside the tensors: class count and names, input normalisation, and what test.py
+    needs to evaluate the file (the dataset it was trained on, without ``MACHINE_KEYS``); the training
+    settings stay out."""
+    datamodule = DATAMODULES[cfg.data_loader.type]
+    args = {k: v for k, v in cfg.data_loader.args.items() if k not in MACHINE_KEYS}
+    evaluation = {"name": cfg.name, "loss": cfg.loss, "metrics": list(cfg.metrics),
+                  "data_loader": {"type": cfg.data_loader.type, "args": args}}
+    return {"num_classes": cfg.arch.args.get("num_classes"), "class_names": list(datamodule.classes),
+            "eval": evaluation, "input": {"mean": list(datamodule.mean), "std": list(datamodule.std),
+                                          "shape": list(datamodule.input_shape)}}
+
+
+def evaluation_config(header: dict[str, Any]) -> dict[str, Any] | None:
+    """A raw config to evaluate a .dcz file with: its architecture and the dataset ``file_metadata`` stored.
+
+    Where the data is and whether to download come from the command line only (``--set
+    data_loader.args.data_dir=...``; default ``data/``, then the system folder): a file never decides
+    where we read or write, whatever its header says.
+    """
+    evaluation = header.get("eval")
+    loader = evaluation.get("data_loader") if isinstance(evaluation, dict) else None
+    if not isinstance(loader, dict) or not isinstance(loader.get("args", {}), dict):
+        return None
+    args = {k: v for k, v in loader.get("args", {}).items() if k not in MACHINE_KEYS}
+    # The optimizer is required by the schema but unused by evaluation.
+    return {"name": "dcz", **evaluation, "data_loader": {**loader, "args": args}, "arch": header["arch"],
+            "optimizer": {"type": "SGD", "args": {"lr": 0.0}}}
+
+
+def encode_run_checkpoint(ckpt_path: str | Path, out: str | Path | None, cfg: Config,
+                          options: ExportConfig | None = None) -> tuple[Path, dict[str, Any]]:
+    """``model.dcz`` + reports of a checkpoint of the run ``cfg`` describes, with ``options`` (default:
+    ``cfg.export``); see ``trainer.export.encode_checkpoint``."""
+    options = options or cfg.export
+    return encode_checkpoint(ckpt_path, out, {"type": cfg.arch.type, "args": cfg.arch.args}, file_metadata(cfg),
+                             options.index_bits, options.codec, options.raw_dtype)

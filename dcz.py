@@ -23,13 +23,14 @@ import time
 
 import torch
 
-from compression.model_codec import CODECS, HUFFMAN
+from builders import encode_run_checkpoint
+from compression.model_codec import CODECS, HUFFMAN, RAW_STORAGE
 from compression.model_file import CompressedFileError, file_table
 from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
 from data import DATAMODULES
-from parse_config import ConfigError, ExportConfig, parse_config
-from trainer.export import encode_checkpoint, is_compressed_file, load_compressed, read_compressed, save_compressed
+from parse_config import Config, ConfigError, parse_config
+from trainer.export import is_compressed_file, load_compressed, read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
 __all__ = ["CompressedFileError", "is_compressed_file", "load_compressed", "read_compressed", "save_compressed"]
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     enc.add_argument("--codec", choices=list(CODECS), default=None,
                      help="entropy coder: 'huffman' (the paper's) or 'range' (smaller; beyond the paper) "
                           "(default: the checkpoint's config's export.codec)")
-    enc.add_argument("--raw-dtype", choices=["float32", "float16"], default=None,
+    enc.add_argument("--raw-dtype", choices=list(RAW_STORAGE), default=None,
                      help="storage of the unpruned tensors (biases...): float16 halves them, lossy for them alone "
                           "(default: the checkpoint's config's export.raw_dtype)")
     info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
@@ -137,17 +138,16 @@ def bench(path: str, batch_sizes: list[int], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def stored_export(ckpt_path: str) -> ExportConfig:
-    """The ``export`` section (``index_bits``, ``codec``) of the config stored in a checkpoint, validated like
-    any config.
+def stored_config(ckpt_path: str) -> Config:
+    """The config stored in a checkpoint (architecture, data, ``export`` defaults), validated like any config.
 
     Raises:
         CheckpointError: unreadable checkpoint. ConfigError: it holds no valid config.
     """
     config = load_checkpoint(ckpt_path).get("config")
     if not isinstance(config, dict):
-        raise ConfigError(f"{ckpt_path} holds no config (not written by train.py): pass --index-bits")
-    return parse_config(config).export
+        raise ConfigError(f"{ckpt_path} holds no config: it was not written by train.py")
+    return parse_config(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             print(bench(args.file, sizes, args.repeats))
         else:
-            stored = stored_export(args.checkpoint)  # also validates the checkpoint's config
-            bits = args.index_bits if args.index_bits is not None else stored.index_bits
-            out, report = encode_checkpoint(args.checkpoint, args.out, bits, args.codec or stored.codec,
-                                            args.raw_dtype or stored.raw_dtype)
+            cfg = stored_config(args.checkpoint)
+            given = {"index_bits": args.index_bits, "codec": args.codec, "raw_dtype": args.raw_dtype}
+            options = cfg.export.model_copy(update={k: v for k, v in given.items() if v is not None})
+            out, report = encode_run_checkpoint(args.checkpoint, args.out, cfg, options)
             print(to_markdown(report, f"Compression report: {out}"))
     except (CheckpointError, ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,23 +24,20 @@ from typing_extensions import Self
 
 from compression.atomic import atomic_write_text
 from compression.layers import LayerType
-from compression.model_codec import CODECS, DEFAULT_CODEC, RAW_STORAGE
-from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS
+from compression.model_codec import CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, RAW_STORAGE
+from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, IndexBits
 from data import DATAMODULES
 from models import MODELS
 from trainer.callbacks import CALLBACKS, COMPRESSION_ARGS, DistillationArgs, PruningArgs, QuantizationArgs
-from trainer.callbacks.args import StrictArgs, format_errors
+from strict_args import StrictArgs, format_errors
+from trainer.lit_model import METRICS
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
-
-METRICS = ("top1_err", "top5_err")
-
 
 class ConfigError(ValueError):
     """A configuration mistake: the message names the JSON path, the value and what is allowed."""
 
 
 _Strict = StrictArgs  # unknown keys are errors, no "3" -> 3 coercion (ints are accepted where floats are)
-IndexBits = int | Literal["auto"]
 
 
 class _Spec(_Strict):
@@ -90,8 +87,8 @@ class CallbacksConfig(_Strict):
     IterativePruning: PruningArgs | None = None  # pruning during (re)training (Han 2015)
     Quantization: QuantizationArgs | None = None  # trained quantization (Han 2016 §3)
     ModelCheckpoint: dict[str, Any] | None = None  # Lightning's, with its own arguments (checked early)
-    EarlyStopping: dict[str, Any] | None = None
-    LearningRateMonitor: dict[str, Any] | None = None
+    EarlyStopping: dict[str, Any] | None = None  # Lightning's (trainer.early_stop is the short form)
+    LearningRateMonitor: dict[str, Any] | None = None  # Lightning's (one per epoch is added by default)
 
     @model_serializer(mode="wrap")
     def _used_only(self, handler: Any) -> dict[str, Any]:
@@ -110,19 +107,19 @@ class TrainerConfig(_Strict):
     max_epochs: int = Field(10, ge=1)  # epochs to train (resume continues up to this)
     min_epochs: int = Field(0, ge=0)  # early stopping cannot end the run before this
     save_dir: str = "runs/"  # runs go to <save_dir>/<name>/<timestamp>/
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"  # the device kind (Lightning's names)
     devices: int | str | list[int] = "auto"  # "auto", a count, or a list of device ids (per machine)
     num_nodes: int = Field(1, ge=1)  # machines taking part (Lightning's num_nodes); devices is per machine
     strategy: str = "auto"  # "auto", "ddp", "ddp_spawn", "fsdp", ... (Lightning names)
-    precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"] = "32-true"  # Lightning's precision
     gradient_clip_val: float | None = Field(None, ge=0)  # clip gradient norm to this (None: off)
     monitor: str = "min val/top1_err"  # "<min|max> <metric>" for the best checkpoint and early stopping
     early_stop: int = Field(0, ge=0)  # patience in epochs for early stopping on `monitor` (0: off)
-    log_every_n_steps: int = Field(50, ge=1)
-    progress_bar: Literal["tqdm", "rich", "none"] = "tqdm"
+    log_every_n_steps: int = Field(50, ge=1)  # train/loss logged (and the weights checked finite) every n steps
+    progress_bar: Literal["tqdm", "rich", "none"] = "tqdm"  # tqdm: Lightning's bar, redrawn every 25 batches
     deterministic: bool = False  # torch deterministic algorithms (bit-exact reruns, slower on GPU)
     limit_train_batches: int | float | None = Field(None, gt=0)  # a count or a fraction (smoke runs)
-    limit_val_batches: int | float | None = Field(None, ge=0)
+    limit_val_batches: int | float | None = Field(None, ge=0)  # likewise; 0: no validation
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)  # name -> constructor arguments
 
     @field_validator("monitor")
@@ -152,13 +149,13 @@ class ExportConfig(_Strict):
     enabled: bool = True  # write model.dcz + compression_report.{md,json} after a compressing fit
     # Relative-index width before Huffman: 1..16, "auto" (smallest file per tensor), or by layer type
     # ({"Conv2d": 8, "Linear": "auto"}; a type not named gets DEFAULT_INDEX_BITS).
-    index_bits: IndexBits | dict[LayerType, IndexBits] = DEFAULT_INDEX_BITS
+    index_bits: IndexBits | dict[LayerType, IndexBits] = DEFAULT_INDEX_BITS  # type: ignore[valid-type]
     # Entropy coder of the pruned / quantized tensors: "huffman" (the paper's) or "range" (beyond the paper:
     # adaptive range coding, a smaller file; index_bits then only sets the report's P / P+Q accounting).
     codec: Literal[tuple(CODECS)] = DEFAULT_CODEC  # type: ignore[valid-type]
     # Storage of the tensors left unpruned (biases, BatchNorm statistics): "float32", or "float16" (beyond the
     # paper, half their bytes, lossy for them alone: the error reported is the file's).
-    raw_dtype: Literal[tuple(RAW_STORAGE)] = "float32"  # type: ignore[valid-type]
+    raw_dtype: Literal[tuple(RAW_STORAGE)] = DEFAULT_RAW_DTYPE  # type: ignore[valid-type]
 
     @field_validator("index_bits")
     @classmethod
@@ -177,8 +174,8 @@ class Config(_Strict):
     data_loader: DataSpec
     optimizer: OptimizerSpec
     lr_scheduler: SchedulerSpec | None = None
-    loss: Literal[tuple(LOSSES)] = "cross_entropy"  # type: ignore[valid-type]
-    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]
+    loss: Literal[tuple(LOSSES)] = "cross_entropy"  # type: ignore[valid-type]  # the training and evaluation loss
+    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]  # in % error
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -260,12 +257,38 @@ def _check_specs(cfg: Config) -> None:
     instantiate(cfg.data_loader, "data_loader")  # data modules only store their arguments
 
 
+# Options measured and removed (docs/experiments.md), with the value that meant "off": configs written before
+# (every resolved config.json lists every argument) still load when they had them off.
+RETIRED = {"IterativePruning": {"reset_weights": False, "splicing": False, "block": 1},
+           "Distillation": {"mixup": 0.0, "features": [], "feature_weight": 1.0}}
+
+
+def _drop_retired(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` without the retired options set to their "off" value.
+
+    Raises:
+        ConfigError: a retired option switched on.
+    """
+    callbacks = raw.get("trainer", {}).get("callbacks") if isinstance(raw.get("trainer"), dict) else None
+    if not isinstance(callbacks, dict):
+        return raw
+    raw = json.loads(json.dumps(raw))
+    for name, retired in RETIRED.items():
+        args = raw["trainer"]["callbacks"].get(name)
+        for key, off in retired.items() if isinstance(args, dict) else ():
+            if key in args and args.pop(key) != off:
+                raise ConfigError(f"trainer.callbacks.{name}.{key}: this option was removed (docs/experiments.md says "
+                                  f"why); drop the key")
+    return raw
+
+
 def parse_config(raw: dict[str, Any]) -> Config:
     """Validates a configuration dictionary.
 
     Raises:
         ConfigError: every problem found, one per line, each with its JSON path.
     """
+    raw = _drop_retired(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:

@@ -37,7 +37,7 @@ from compression.sensitivity import BUDGET_TOL, KINDS, Metrics, Point, check_joi
 from data import DataNotFoundError
 from logger import setup_logging
 from parse_config import Config, ConfigError, add_override_args, overrides_from_args, parse_config
-from trainer.callbacks import QUANTIZE_EPOCH, proposal_callbacks
+from compression.sensitivity import QUANTIZE_EPOCH, proposal_callbacks
 from utils import CheckpointError
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)

@@ -14,13 +14,13 @@ from typing import Any
 
 from torch import nn
 
-from builders import load_trained_model, make_evaluator
+from builders import evaluation_config, load_trained_model, make_evaluator
 from compression.model_file import CompressedFileError
 from data import DataNotFoundError
 from logger import setup_logging
 from parse_config import (Config, ConfigError, add_override_args, apply_overrides, overrides_from_args, parse_config,
                           read_json)
-from trainer.export import MACHINE_KEYS, is_compressed_file, read_compressed
+from trainer.export import is_compressed_file, read_compressed
 from utils import CheckpointError, count_parameters, format_sparsity, layer_sparsity
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, CompressedFileError)
@@ -53,23 +53,6 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config, dict[str, A
         raise ConfigError(f"--sparse reads a .dcz file; {path} is a checkpoint: encode it with dcz.py encode first")
     model, cfg, ckpt = load_trained_model(path, args.config, overrides_from_args(args))
     return model, cfg, {"epoch": ckpt.get("epoch"), "format": "ckpt"}
-
-
-def evaluation_config(header: dict[str, Any]) -> dict[str, Any] | None:
-    """A config to evaluate a .dcz file with: its architecture and the dataset stored with it.
-
-    Where the data is and whether to download come from this command line only (``--set
-    data_loader.args.data_dir=...``; default ``data/``, then the system folder): a file never decides
-    where we read or write, whatever its header says.
-    """
-    evaluation = header.get("eval")
-    loader = evaluation.get("data_loader") if isinstance(evaluation, dict) else None
-    if not isinstance(loader, dict) or not isinstance(loader.get("args", {}), dict):
-        return None
-    args = {k: v for k, v in loader.get("args", {}).items() if k not in MACHINE_KEYS}
-    # The optimizer is required by the schema but unused by evaluation.
-    return {"name": "dcz", **evaluation, "data_loader": {**loader, "args": args}, "arch": header["arch"],
-            "optimizer": {"type": "SGD", "args": {"lr": 0.0}}}
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

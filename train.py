@@ -11,7 +11,6 @@ import argparse
 import errno
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,16 +21,17 @@ import torch
 from torch import nn
 
 from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
-                      load_teacher, load_weights, make_evaluator, pipeline_stages, teacher_config)
-from compression.atomic import atomic_write_bytes, atomic_write_text
+                      encode_run_checkpoint, make_evaluator, pipeline_stages)
+from compression.atomic import atomic_write_text
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
-from parse_config import (Config, ConfigError, ExportConfig, add_override_args, load_config, make_run_dir,
+from parse_config import (Config, ConfigError, add_override_args, load_config, make_run_dir,
                           overrides_from_args, write_config)
+from teacher import train_teacher
 from trainer.callbacks import Distillation
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
-from trainer.export import encode_checkpoint, read_compressed
-from trainer.lit_model import TrainingDivergedError
+from trainer.export import read_compressed
+from trainer.lit_model import TrainingDivergedError, load_weights
 from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, TrainingDivergedError)
@@ -107,7 +107,9 @@ def train(args: argparse.Namespace) -> int:
         write_config(cfg, run_dir / "config.json")  # the run now continues under this config
     setup_logging(run_dir)
     log = get_logger("train")
-    prepare_teacher(cfg, callbacks, run_dir)
+    for callback in callbacks:
+        if isinstance(callback, Distillation):
+            train_teacher(cfg, callback, run_dir)  # a teacher config is trained first (teacher.py)
     total, nonzero = count_parameters(lit_model.model)
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
              f"{cfg.data_loader.type}; run folder {run_dir}")
@@ -125,70 +127,18 @@ def train(args: argparse.Namespace) -> int:
              f"{float(best) if best is not None else float('nan'):.4f}; checkpoints in {run_dir}")
     compressed = bool(lit_model.masks) or bool(lit_model.compression.index)  # not merely codebooks set up
     if cfg.export.enabled and compressed and trainer.is_global_zero:
-        report = export(trainer, run_dir, cfg.export)
+        report = export(trainer, run_dir, cfg)
         summary = summarize(cfg, run_dir, report, stages, time.monotonic() - started)
         print(format_summary(summary))
     return 0
 
 
-def prepare_teacher(cfg: Config, callbacks: list[pl.Callback], run_dir: Path) -> None:
-    """Loads each member of ``Distillation.teacher`` that is a config (.json): trained first, by train.py in a
-    process of its own, into ``<run>/teacher/`` (member 0) or ``<run>/teacher_<i>/`` (member i), its last
-    checkpoint copied to ``teacher.ckpt`` there once it has finished (a resumed run finds it and trains nothing;
-    the copy reads with the config stored inside it). Checkpoint members were loaded with the callbacks already.
-
-    Raises:
-        ConfigError: a teacher's training failed (its own output says why), or left no single checkpoint.
-    """
-    distill = next((c for c in callbacks if isinstance(c, Distillation)), None)
-    if distill is None:
-        return
-    for i, member in enumerate(distill.members):
-        if not member.endswith(".json"):
-            continue
-        folder = run_dir / teacher_folder(i)
-        ckpt = folder / "teacher.ckpt"
-        if not ckpt.is_file():  # (DDP workers start after this: rank 0 has written it)
-            get_logger("train").info(f"Distillation: training the teacher {member} first, into {folder}")
-            cmd = teacher_command(member, teacher_config(cfg, member).seed, i, folder, cfg.trainer.progress_bar)
-            for key in ("data_dir", "download"):  # the run's data, as its command line set it
-                if key in cfg.data_loader.args:
-                    cmd += ["--set", f"data_loader.args.{key}={json.dumps(cfg.data_loader.args[key])}"]
-            code = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL).returncode
-            found = sorted(folder.glob("*/*/last.ckpt"))
-            if code != 0 or len(found) != 1:
-                raise ConfigError(f"trainer.callbacks.Distillation.teacher: training {member} failed (exit {code}, "
-                                  f"{len(found)} checkpoints under {folder}; its output above says why): fix it, "
-                                  f"or train it yourself and pass its last.ckpt as the teacher")
-            atomic_write_bytes(ckpt, found[0].read_bytes())
-        distill.use(load_teacher(cfg, ckpt), i)
-
-
-def teacher_folder(member: int) -> str:
-    """Where member ``member`` of ``Distillation.teacher``, a config, is trained (inside the run's folder)."""
-    return "teacher" if member == 0 else f"teacher_{member}"
-
-
-def teacher_command(config: str | Path, seed: int | None, member: int, folder: Path,
-                    progress_bar: str = "none") -> list[str]:
-    """The train.py command that trains member ``member`` of ``Distillation.teacher``, the config ``config`` (of
-    seed ``seed``), into ``folder``: member i > 0 with seed + i, so that a config named twice in an ensemble
-    gives two different networks (member 0 is the config as it is; an unseeded config stays unseeded)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "-c", str(config),
-           "--set", f"trainer.save_dir={json.dumps(str(folder))}",
-           "--set", f"trainer.progress_bar={json.dumps(progress_bar)}"]
-    if member and seed is not None:
-        cmd += ["--set", f"seed={seed + member}"]
-    return cmd
-
-
-def export(trainer: pl.Trainer, run_dir: Path, options: ExportConfig) -> dict[str, Any]:
+def export(trainer: pl.Trainer, run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Writes model.dcz and compression_report.{md,json} for the best checkpoint (else the last one)."""
     log = get_logger("train")
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     source = Path(best_path) if best_path and Path(best_path).is_file() else run_dir / "last.ckpt"
-    out, report = encode_checkpoint(source, run_dir / "model.dcz", options.index_bits, options.codec,
-                                    options.raw_dtype)
+    out, report = encode_run_checkpoint(source, run_dir / "model.dcz", cfg)
     f, t = report["file"], report["paper_total"]
     log.info(f"wrote {out} from {source.name}: {f['bytes']:,} bytes, {f['rate']:.1f}x smaller than the dense "
              f"float32 parameters ({f['dense_float32_bytes']:,} bytes); paper's accounting P+Q {t['rate_pq']:.1f}x, "

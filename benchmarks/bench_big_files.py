@@ -69,7 +69,7 @@ def step_prepare(model: str, work: Path) -> dict[str, Any]:
     """Random weights -> the recipe's masks and codebooks -> a train.py-shaped checkpoint; the kept counts."""
     import torch
 
-    from builders import build_model
+    from builders import build_model, training_parts
     from compression.atomic import atomic_open
     from compression.kmeans import kmeans_1d
     from compression.pruning import magnitude_mask
@@ -80,7 +80,7 @@ def step_prepare(model: str, work: Path) -> dict[str, Any]:
     cfg = recipe_config(model)
     start, cpu, base = time.perf_counter(), cpu_s(), peak_mib()
     net = build_model(cfg)
-    lit = LitClassifier(net, cfg.model_dump())
+    lit = LitClassifier(net, training_parts(cfg))
     callbacks = dict(cfg.trainer.callbacks.items())
     pruning, quantization = IterativePruning(**callbacks["IterativePruning"]), Quantization(**callbacks["Quantization"])
     keep = pruning.check(net, cfg.trainer.max_epochs)

@@ -31,9 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import FashionMNIST  # noqa: E402
 from models import LeNet300  # noqa: E402
 from parse_config import parse_config  # noqa: E402
-from trainer.lean import NullProfiler  # noqa: E402
 from trainer.lit_model import LitClassifier  # noqa: E402
-from builders import build_trainer  # noqa: E402
+from builders import build_trainer, training_parts  # noqa: E402
 
 # Wall time by default; --clock cpu switches to the process's CPU time (all its threads), which leaves out
 # the time this shared VM's other tenants take from us: with --threads 1 it is the work each side does.
@@ -60,7 +59,7 @@ def config(data_dir: str, batch_size: int, progress_bar: str) -> dict:
 def ours(data_dir: str, batch_size: int, progress_bar: str, tmp: Path) -> float:
     cfg = parse_config(config(data_dir, batch_size, progress_bar))
     torch.manual_seed(0)
-    lit = LitClassifier(LeNet300(), cfg.model_dump())
+    lit = LitClassifier(LeNet300(), training_parts(cfg))
     timer = EpochTimer()
     trainer = build_trainer(cfg, tmp, callbacks=[timer], num_sanity_val_steps=0, enable_model_summary=False)
     dm = FashionMNIST(data_dir, batch_size=batch_size)
@@ -84,10 +83,10 @@ class _RawStep(LitClassifier):
 def bare_trainer(data_dir: str, batch_size: int, module: type[LitClassifier], **trainer_args: Any) -> float:
     """``module`` in a Trainer with no logger, checkpoint or callback. With ``LitClassifier`` and Lightning's
     default profiler ("bare Lightning"): what Lightning's loop costs around our module's training step. With
-    ``_RawStep`` and the null profiler ("Lightning floor"): the least any Trainer-based run can spend."""
+    ``_RawStep`` ("Lightning floor"): the least any Trainer-based run can spend."""
     cfg = parse_config(config(data_dir, batch_size, "none"))
     torch.manual_seed(0)
-    lit = module(LeNet300(), cfg.model_dump())
+    lit = module(LeNet300(), training_parts(cfg))
     timer = EpochTimer()
     trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -139,7 +138,7 @@ def main() -> None:
     images, labels = dm.train_set
     sides = {
         "plain loop": lambda: plain(images, labels, args.batch_size),
-        "Lightning floor": lambda: bare_trainer(args.data_dir, args.batch_size, _RawStep, profiler=NullProfiler()),
+        "Lightning floor": lambda: bare_trainer(args.data_dir, args.batch_size, _RawStep),
         "bare Lightning": lambda: bare_trainer(args.data_dir, args.batch_size, LitClassifier),
         "ours (no bar)": lambda: ours(args.data_dir, args.batch_size, "none", Path(args.tmp)),
         "ours (tqdm bar)": lambda: ours(args.data_dir, args.batch_size, "tqdm", Path(args.tmp)),

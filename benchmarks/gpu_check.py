@@ -182,7 +182,8 @@ def check_codebooks(lit: Any, layer_bits: dict[str, int]) -> dict[str, Any]:
 def encode_decode(lit: Any, cfg: Any, path: Path, index_bits: int) -> dict[str, Any]:
     """The trained model written as a ``.dcz`` on the host and read back (bit-exact against its weights)."""
     from trainer.compression_state import CompressionState
-    from trainer.export import file_metadata, read_compressed, save_compressed
+    from builders import file_metadata
+    from trainer.export import read_compressed, save_compressed
 
     model = lit.model.cpu()
     masks, codebooks, indices = CompressionState.tensors_of({"state_dict": lit.state_dict(),
@@ -191,7 +192,7 @@ def encode_decode(lit: Any, cfg: Any, path: Path, index_bits: int) -> dict[str, 
     with torch.no_grad():
         report = save_compressed(model, path, arch={"type": cfg.arch.type, "args": cfg.arch.args}, masks=masks,
                                  codebooks=codebooks, indices=indices, index_bits=index_bits,
-                                 metadata=file_metadata(cfg.model_dump()))
+                                 metadata=file_metadata(cfg))
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     decoded, _ = read_compressed(path)

@@ -13,18 +13,19 @@ Decoding puts every entry's value at its position; a filler's value is 0 at a po
 anyway, so the result is bit-identical to the encoded tensor. Every count in the header is checked
 against the sections before anything is allocated.
 
-The entropy coder is chosen per file and recorded per tensor: ``codec="huffman"`` (the paper's, the default;
-its entries carry no ``codec`` field, so such files are byte-identical to those written before the choice
-existed) or ``codec="range"`` (entries ``"codec": "range-v1"``, ``compression.range_codec``: the same
-sections, range-coded with adaptive models, positions coded from the mask itself, so no fillers and no
-``index_bits``; ``"range-v2"`` where the kept weights are whole runs of a row and coding the runs is shorter,
-``compression.range_tensor``). A reader meeting a codec it does not know says so.
+The entropy coder is chosen per file and recorded per tensor, through ``CODECS``, the one registry that ties a
+codec's config name to its encoder, decoder and file tag: ``"huffman"`` (the paper's, the default; its entries
+carry no ``codec`` field, so such files are byte-identical to those written before the choice existed) and
+``"range"`` (entries ``"codec": "range-v1"``, ``compression.range_tensor``: the same sections, range-coded with
+adaptive models, positions coded from the mask itself, so no fillers and no ``index_bits``). A reader meeting a
+tag it does not know says so.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -34,24 +35,44 @@ from compression import huffman, range_codec
 from compression.quantization import dequantize
 from compression.range_tensor import range_entries, range_entry
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, encode_positions
-from compression.tensor_entry import (CODECS, DEFAULT_CODEC, HUFFMAN, MAX_CLUSTERS, READABLE, TensorStats, codebook_of,
-                                      int_field, numel_of, section_of, values_of)
+from compression.tensor_entry import (HUFFMAN, MAX_CLUSTERS, TensorStats, codebook_of, int_field, numel_of, section_of,
+                                      values_of)
 from compression.tensor_entry import f32_bytes as _f32
 
-__all__ = ["CODECS", "DEFAULT_CODEC", "HUFFMAN", "MAX_CLUSTERS", "RAW_DTYPES", "TensorStats", "decode_entries",
-           "decode_tensor", "encode_tensor", "stats_dict"]
+__all__ = ["CODECS", "DEFAULT_CODEC", "DEFAULT_RAW_DTYPE", "HUFFMAN", "MAX_CLUSTERS", "RAW_DTYPES", "RAW_STORAGE",
+           "Codec", "TensorStats", "decode_entries", "decode_tensor", "encode_tensor", "stats_dict"]
 _int_field = int_field  # model_file's name for it
+
+Entry = tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]  # (header entry, sections, stats)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """An entropy coder of pruned / quantized tensors: its file tag, encoder and decoder.
+
+    Attributes:
+        tag: What each header entry records (``"codec"``); a change to the coder's arithmetic needs a new tag.
+        encode: ``(name, tensor, flat_mask, codebook, index, index_bits) -> (entry, sections, stats)``, on a
+            tensor ``encode_tensor`` has checked against its mask and codebook.
+        decode: ``(entry, sections, encoding) -> (positions, values)``, as ``decode_entries`` returns them.
+    """
+
+    tag: str
+    encode: Callable[..., Entry]
+    decode: Callable[[dict[str, Any], dict[str, bytes], str], tuple[np.ndarray, np.ndarray]]
+
 
 RAW_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "float16": np.dtype("<f2"),
               "int64": np.dtype("<i8"), "int32": np.dtype("<i4")}
 
 
 RAW_STORAGE = ("float32", "float16")  # export.raw_dtype: how float32 raw tensors are stored
+DEFAULT_RAW_DTYPE = "float32"  # the paper's: biases and dense layers stored as they are
+DEFAULT_CODEC = "huffman"  # the paper's coder: the default of export.codec (a key of CODECS, below)
 F16_MAX = 65504.0  # the largest finite float16: a tensor beyond it stays float32
 
 
-def _raw_entry(name: str, tensor: torch.Tensor, raw_dtype: str = "float32"
-               ) -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
+def _raw_entry(name: str, tensor: torch.Tensor, raw_dtype: str = DEFAULT_RAW_DTYPE) -> Entry:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in RAW_DTYPES:
         raise ValueError(f"{name}: dtype {dtype} cannot be stored; supported: {', '.join(RAW_DTYPES)}")
@@ -84,7 +105,7 @@ def _stream(symbols: np.ndarray, alphabet: int) -> tuple[bytes, float, float, in
 def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None,
                   codebook: torch.Tensor | None = None, index: torch.Tensor | None = None,
                   index_bits: int | str = DEFAULT_INDEX_BITS, codec: str = DEFAULT_CODEC,
-                  raw_dtype: str = "float32") -> tuple[dict[str, Any], list[tuple[str, bytes]], TensorStats]:
+                  raw_dtype: str = DEFAULT_RAW_DTYPE) -> Entry:
     """Encodes one tensor: ``raw`` without a mask, ``sparse`` with a mask, ``quantized`` with a codebook too.
 
     Args:
@@ -122,9 +143,12 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
     if not torch.equal(tensor, expected):
         what = "non-zero pruned weights" if codebook is None else "weights that are not codebook[index] on the mask"
         raise ValueError(f"{name}: the tensor has {what}; re-apply the compression state before encoding")
-    flat_mask = mask.flatten().numpy()
-    if codec == "range":
-        return range_entry(name, tensor, flat_mask, codebook, index, index_bits)
+    return CODECS[codec].encode(name, tensor, mask.flatten().numpy(), codebook, index, index_bits)
+
+
+def _huffman_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook: torch.Tensor | None,
+                   index: torch.Tensor | None, index_bits: int) -> Entry:
+    """The paper's layout (§4, Fig. 2): Huffman-coded relative positions with fillers, and cluster indices."""
     rel, filler = encode_positions(np.flatnonzero(flat_mask), index_bits)
     pos_data, pos_bits, pos_entropy, pos_over = _stream(rel, 1 << index_bits)
     entry: dict[str, Any] = {"name": name, "shape": list(tensor.shape), "dtype": "float32", "index_bits": index_bits,
@@ -192,15 +216,20 @@ def decode_entries(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[n
     name, encoding = entry.get("name"), entry.get("encoding")
     if encoding not in ("sparse", "quantized"):
         raise ValueError(f"{name}: unknown encoding {encoding!r}")
-    codec = entry.get("codec", HUFFMAN)
-    if codec not in READABLE:
-        raise ValueError(f"{name}: unknown codec {str(codec)[:40]!r}; this reader knows {', '.join(READABLE)} "
-                         f"(a file from a newer version?)")
-    if codec in (range_codec.CODEC, range_codec.CODEC_BLOCKS):
-        try:
-            return range_entries(entry, sections, encoding)
-        except ValueError as err:  # the coder's messages do not know the tensor; the entry's own checks do
-            raise ValueError(str(err) if str(err).startswith(f"{name}: ") else f"{name}: {err}") from None
+    codec = BY_TAG.get(entry.get("codec", HUFFMAN))  # type: ignore[arg-type]
+    if codec is None:
+        raise ValueError(f"{name}: unknown codec {str(entry.get('codec'))[:40]!r}; this reader knows "
+                         f"{', '.join(BY_TAG)} (a file from a newer version?)")
+    try:
+        return codec.decode(entry, sections, encoding)
+    except ValueError as err:  # the coders' messages do not always know the tensor; the entry's own checks do
+        raise ValueError(str(err) if str(err).startswith(f"{name}: ") else f"{name}: {err}") from None
+
+
+def _huffman_entries(entry: dict[str, Any], sections: dict[str, bytes], encoding: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_entries`` of the paper's layout: fillers included (value 0)."""
+    name = entry.get("name")
     positions = _positions(entry, section_of(entry, sections, "position"), numel_of(entry))
     if encoding == "sparse":
         entry_values = values_of(entry, sections, len(positions))
@@ -237,3 +266,11 @@ def _positions(entry: dict[str, Any], data: bytes, numel: int) -> np.ndarray:
 
 def stats_dict(stats: TensorStats) -> dict[str, Any]:
     return asdict(stats)
+
+
+# The codec registry: export.codec (the config's and dcz.py's name) -> file tag, encoder, decoder.
+CODECS: dict[str, Codec] = {
+    "huffman": Codec(HUFFMAN, _huffman_entry, _huffman_entries),  # the paper's (§4)
+    "range": Codec(range_codec.CODEC, range_entry, range_entries),  # beyond the paper: adaptive range coding
+}
+BY_TAG = {codec.tag: codec for codec in CODECS.values()}  # what a header entry may record

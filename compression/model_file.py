@@ -24,11 +24,11 @@ from torch import nn
 
 from compression.container import MAGIC, ContainerError, framing_bytes, read_container, write_container
 from compression.layers import layer_type
-from compression.model_codec import (CODECS, DEFAULT_CODEC, HUFFMAN, _int_field, decode_entries, decode_tensor,
+from compression.model_codec import (CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, HUFFMAN, _int_field, decode_entries, decode_tensor,
                                      encode_tensor)
 from compression.report import build_report
 from compression.sparse import SparseLinear, csr_from_positions
-from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS
+from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS, IndexBits
 
 MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is not one of ours
 # A file may decode to at most this many times its own size (plus a floor for small files): Deep Compression
@@ -39,14 +39,14 @@ MIN_DECODE_CAP = 256 << 20
 RANGE_DECODE_BYTES = 24  # working memory of the range decoder per kept weight (positions, symbols, counts)
 SPARSE_MAX_DENSITY = 0.5  # sparse=True: a Linear keeping more than this fraction stays dense (CSR would lose)
 Architectures = Mapping[str, Callable[..., nn.Module]]  # arch type name -> constructor (models.MODELS)
-IndexBits = int | str | Mapping[str, int | str]  # one width, "auto", or {layer type: width or "auto"}
+IndexBitsSpec = IndexBits | Mapping[str, IndexBits]  # one width or "auto", or {layer type: width or "auto"}
 
 
 class CompressedFileError(ValueError):
     """A ``.dcz`` file that cannot be read: the message names the file, the part and what was expected."""
 
 
-def index_bits_for(index_bits: IndexBits, kind: str | None) -> int | str:
+def index_bits_for(index_bits: IndexBitsSpec, kind: str | None) -> int | str:
     """The relative-index width of a tensor owned by a layer of type ``kind`` (``Linear``, ``Conv2d``).
 
     A mapping that does not name ``kind`` (or a tensor of no prunable layer) gets ``DEFAULT_INDEX_BITS``.
@@ -59,9 +59,9 @@ def index_bits_for(index_bits: IndexBits, kind: str | None) -> int | str:
 def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
                     masks: Mapping[str, torch.Tensor] | None = None,
                     codebooks: Mapping[str, torch.Tensor] | None = None,
-                    indices: Mapping[str, torch.Tensor] | None = None, index_bits: IndexBits = DEFAULT_INDEX_BITS,
+                    indices: Mapping[str, torch.Tensor] | None = None, index_bits: IndexBitsSpec = DEFAULT_INDEX_BITS,
                     metadata: dict[str, Any] | None = None, codec: str = DEFAULT_CODEC,
-                    raw_dtype: str = "float32") -> dict[str, Any]:
+                    raw_dtype: str = DEFAULT_RAW_DTYPE) -> dict[str, Any]:
     """Writes ``model`` as a ``.dcz`` file (atomically) and returns the compression report.
 
     Args:

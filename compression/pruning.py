@@ -4,11 +4,6 @@ Pure tensor functions: masks by magnitude (per layer or global), by Han's per-la
 ``s × std(w)``, the keep-ratio of each step of a pruning schedule, and the dropout adjustment of §3.5.
 A mask is a bool tensor shaped like the weight, True where the weight is kept. Every function takes the
 current mask and returns a subset of it, so pruned weights never come back.
-
-Beyond the paper, magnitude pruning can keep or drop *blocks* of ``block`` consecutive weights of a row (the
-weight viewed as ``(shape[0], rest)``), scored by their mean magnitude: the vector-level granularity of Mao et
-al. 2017 (arXiv 1705.08922). A blocky mask costs fewer bits per kept weight to locate (the range codec's
-``range-v2`` entries code the runs' positions), so a file of the same size can keep more weights.
 """
 
 from __future__ import annotations
@@ -46,47 +41,23 @@ def _keep_top(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor
     return keep.view_as(alive)
 
 
-def check_block(shape: tuple[int, ...] | torch.Size, block: int) -> int:
-    """The row length of a weight of ``shape`` viewed as ``(shape[0], rest)``, checked to split into blocks.
-
-    Raises:
-        ValueError: ``block`` < 1, or a row length that ``block`` does not divide (naming the lengths that do).
-    """
-    row = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
-    if block < 1 or row % block:
-        fits = [d for d in range(2, min(row, 64) + 1) if row % d == 0]
-        raise ValueError(f"block {block} does not split rows of {row} weights; blocks that do: "
-                         f"{', '.join(map(str, fits)) or 'none (use 1)'}")
-    return row
-
-
-def magnitude_mask(weight: torch.Tensor, keep_ratio: float, mask: torch.Tensor | None = None,
-                   block: int = 1) -> torch.Tensor:
+def magnitude_mask(weight: torch.Tensor, keep_ratio: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Keeps the ``round(keep_ratio × numel)`` largest-magnitude weights (of those still alive).
 
     Args:
         weight: Any-shape weight tensor.
         keep_ratio: Fraction of *all* entries to keep, in (0, 1].
         mask: Current mask (None: nothing pruned yet).
-        block: Keep or drop runs of ``block`` consecutive weights of a row (``check_block``), ranked by their
-            mean magnitude; a block is alive while all its weights are. 1: weight by weight.
 
     Returns:
-        A bool mask, a subset of ``mask``, with exactly ``min(round(keep_ratio × numel), alive)`` True
-        (with blocks: ``block ×`` that many blocks, ``round(keep_ratio × numel / block)``).
+        A bool mask, a subset of ``mask``, with exactly ``min(round(keep_ratio × numel), alive)`` True.
 
     Raises:
-        ValueError: keep_ratio outside (0, 1], or a block that does not split the rows.
+        ValueError: keep_ratio outside (0, 1].
     """
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    if block == 1:
-        return _keep_top(weight.detach().abs(), _alive(weight, mask), round(keep_ratio * weight.numel()))
-    check_block(weight.shape, block)
-    scores = weight.detach().abs().reshape(-1, block).float().mean(1)
-    alive = _alive(weight, mask).reshape(-1, block).all(1)
-    keep = _keep_top(scores, alive, round(keep_ratio * weight.numel() / block))
-    return keep.repeat_interleave(block).view_as(weight)
+    return _keep_top(weight.detach().abs(), _alive(weight, mask), round(keep_ratio * weight.numel()))
 
 
 def std_threshold_mask(weight: torch.Tensor, sensitivity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,8 +157,7 @@ def adjusted_dropout(p_original: float, keep_ratio: float) -> float:
 
 
 def step_masks(criterion: str, weights: Mapping[str, torch.Tensor], targets: Mapping[str, float], step: int,
-               n_steps: int, gradual: bool, masks: Mapping[str, torch.Tensor],
-               blocks: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+               n_steps: int, gradual: bool, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The masks of pruning step ``step`` (0-based) of ``n_steps``, each a subset of the current one.
 
     Args:
@@ -198,7 +168,6 @@ def step_masks(criterion: str, weights: Mapping[str, torch.Tensor], targets: Map
         targets: Final keep ratio (``magnitude``, ``global``) or sensitivity (``std``) per tensor.
         gradual: Zhu & Gupta's cubic schedule instead of the geometric one (``keep_ratio_at``).
         masks: The current masks (a tensor without one is unpruned).
-        blocks: ``magnitude`` only: the block length of each tensor (``magnitude_mask``; default 1).
     """
     if criterion == "global":
         keep = keep_ratio_at(step, n_steps, float(next(iter(targets.values()))), gradual)
@@ -208,8 +177,7 @@ def step_masks(criterion: str, weights: Mapping[str, torch.Tensor], targets: Map
         if criterion == "std":
             out[name] = std_threshold_mask(weight, targets[name] * progress(step, n_steps), masks.get(name))
         else:
-            out[name] = magnitude_mask(weight, keep_ratio_at(step, n_steps, targets[name], gradual), masks.get(name),
-                                       (blocks or {}).get(name, 1))
+            out[name] = magnitude_mask(weight, keep_ratio_at(step, n_steps, targets[name], gradual), masks.get(name))
     return out
 
 

@@ -10,9 +10,6 @@ models that the decoder rebuilds from what it has already decoded, so nothing bu
   <= g``), coded with adaptive counts chosen by the lane's density so far (the bit length of its mean gap),
   and ``b - 1`` low bits, coded uniformly. All lanes advance in lock step, one gap each per step, so a step
   is a few vectorised calls: a tensor decodes in at most ``LANE + 1`` steps, one symbol per kept weight.
-- **Positions in runs** (codec ``range-v2``, chosen by the encoder where the file is shorter): when the kept weights
-  form whole aligned runs of ``block`` (2..``MAX_BLOCK``) weights of a row (``IterativePruning.block``), the
-  positions of the runs are coded as above in the tensor viewed with ``block`` times fewer columns.
 - **Cluster indices**: one categorical stream with Laplace counts, updated after chunks of 16, 32, ... 4096
   symbols (no count table is stored; learning the counts costs about what storing them would).
 
@@ -43,8 +40,6 @@ Categorical, Uniform = constriction.stream.model.Categorical, constriction.strea
 RangeDecoder, RangeEncoder = constriction.stream.queue.RangeDecoder, constriction.stream.queue.RangeEncoder
 
 CODEC = "range-v1"  # the header's per-tensor codec name; a change to any model below needs a new version
-CODEC_BLOCKS = "range-v2"  # range-v1 over runs of ``block`` weights (entry field ``block``): ``block_of``
-MAX_BLOCK = 64  # the longest run ``block_of`` looks for
 LANE = 4096  # columns per lane: bounds the decode loop (<= LANE + 1 steps) and the largest gap (LANE + 1)
 # Rows shorter than this (LeNet-5's conv1: 25 columns) are not lanes of their own: a (64M, 1) weight would
 # otherwise need 64M lanes of state, ten times the tensor; such a tensor is coded as one long row.
@@ -68,31 +63,6 @@ def row_length(shape: tuple[int, ...] | list[int]) -> int:
     shorter than ``MIN_ROW``, are one row (so there are never more than ``numel / MIN_ROW + 1`` lanes)."""
     numel, row = math.prod(shape), math.prod(shape[1:]) if len(shape) >= 2 else 0
     return row if row >= MIN_ROW else max(numel, 1)
-
-
-def block_row(shape: tuple[int, ...] | list[int]) -> int:
-    """Columns of a tensor viewed as ``(shape[0], rest)`` without ``row_length``'s merging (1-D: one row):
-    a run of ``block_of`` never crosses one."""
-    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
-
-
-def block_of(positions: np.ndarray, row: int) -> int:
-    """The longest run length ``b`` (2..``MAX_BLOCK``, dividing ``row``) such that ``positions`` (strictly
-    ascending) are whole runs ``b*j, ..., b*j + b - 1``; 1 if there is none (or nothing is kept)."""
-    positions = np.asarray(positions, np.int64)
-    for b in range(min(MAX_BLOCK, row), 1, -1):
-        if row % b or len(positions) % b or not len(positions):
-            continue
-        runs = positions.reshape(-1, b)
-        if not (runs[:, 0] % b).any() and (runs[:, -1] - runs[:, 0] == b - 1).all():  # ascending: consecutive
-            return b
-    return 1
-
-
-def block_shape(shape: tuple[int, ...] | list[int], block: int) -> list[int]:
-    """The shape whose positions ``range-v2`` codes: ``(shape[0], rest / block)`` (1-D: ``numel / block``)."""
-    row = block_row(shape)
-    return [math.prod(shape) // row, row // block] if len(shape) >= 2 else [row // block]
 
 
 def _lanes(numel: int, row: int) -> tuple[np.ndarray, np.ndarray]:

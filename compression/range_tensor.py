@@ -6,11 +6,6 @@ The header entry is ``{"name", "shape", "dtype": "float32", "encoding": "sparse"
 kept weight, row-major) or ``codebook`` (float32, used centroids only) and ``index``
 (``range_codec.encode_symbols`` of each kept weight's centroid). The decoder allocates nothing before the
 header's ``kept`` and ``clusters`` agree with the shape and the codebook section.
-
-Where the kept weights form whole runs of ``block`` weights of a row (``IterativePruning.block``) and coding the
-runs' positions makes the file shorter (the header's extra field counted), the entry is ``"codec": "range-v2"``
-with ``"block": b``: the ``position`` section codes the runs, in the tensor viewed with ``b`` times fewer columns
-(``range_codec.block_shape``); everything else is range-v1's.
 """
 
 from __future__ import annotations
@@ -38,13 +33,6 @@ def range_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook
     pos_data, codec = range_codec.encode_positions(positions, numel, range_codec.row_length(shape)), range_codec.CODEC
     entry: dict[str, Any] = {"name": name, "shape": shape, "dtype": "float32", "encoding": "sparse", "codec": codec,
                              "kept": kept}
-    block = range_codec.block_of(positions, range_codec.block_row(shape))
-    if block > 1:
-        coarse = range_codec.block_shape(shape, block)
-        runs = range_codec.encode_positions(positions[::block] // block, numel // block, range_codec.row_length(coarse))
-        if len(runs) + len(f',"block":{block}') < len(pos_data):  # shorter, the header's extra field included
-            pos_data, codec = runs, range_codec.CODEC_BLOCKS
-            entry.update(codec=codec, block=block)
     stats = TensorStats(name, "sparse", numel, kept, entries=kept, position_bits_huffman=8 * len(pos_data) / n,
                         position_entropy=_mask_entropy(kept, numel) / n, codec=codec)
     if codebook is None:
@@ -76,20 +64,6 @@ def range_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook
     return entry, sections, stats
 
 
-def _block_field(entry: dict[str, Any], kept: int) -> int:
-    """The run length of a range-v2 entry (1 for range-v1), checked against its shape and ``kept``."""
-    if entry.get("codec") != range_codec.CODEC_BLOCKS:
-        if "block" in entry:
-            raise ValueError(f"header field 'block' belongs to {range_codec.CODEC_BLOCKS} entries, not "
-                             f"{str(entry.get('codec'))[:40]}")
-        return 1
-    block, row = int_field(entry, "block"), range_codec.block_row(entry["shape"])
-    if not 2 <= block <= range_codec.MAX_BLOCK or row % block or kept % block:
-        raise ValueError(f"block {block} does not split rows of {row} weights into runs holding the {kept} kept "
-                         f"(2..{range_codec.MAX_BLOCK}, dividing both)")
-    return block
-
-
 def _mask_entropy(kept: int, numel: int) -> float:
     """Bits of the mask as ``numel`` independent coin flips of bias ``kept / numel``: what a coder that models
     no structure cannot beat (the range coder's per-row density context can)."""
@@ -100,7 +74,7 @@ def _mask_entropy(kept: int, numel: int) -> float:
 
 
 def range_entries(entry: dict[str, Any], sections: dict[str, bytes], encoding: str) -> tuple[np.ndarray, np.ndarray]:
-    """``model_codec.decode_entries`` of a range-v1 / range-v2 tensor: exactly ``kept`` entries, no fillers.
+    """``model_codec.decode_entries`` of a range-v1 tensor: exactly ``kept`` entries, no fillers.
 
     Raises:
         ValueError: sizes that disagree with the header, or a corrupt stream.
@@ -108,7 +82,6 @@ def range_entries(entry: dict[str, Any], sections: dict[str, bytes], encoding: s
     numel, kept = numel_of(entry), int_field(entry, "kept")
     if kept > numel:
         raise ValueError(f"{kept} kept weights declared for a tensor of {numel}")
-    block = _block_field(entry, kept)
     if encoding == "sparse":
         values = values_of(entry, sections, kept)
     else:  # the cheap checks first: nothing is decoded for a header that disagrees with its sections
@@ -116,9 +89,6 @@ def range_entries(entry: dict[str, Any], sections: dict[str, bytes], encoding: s
         if k > min(max(kept, 1), MAX_CLUSTERS):  # every stored centroid is used by some kept weight
             raise ValueError(f"{k} clusters declared for {kept} kept weights (at most {MAX_CLUSTERS})")
         index = section_of(entry, sections, "index")
-    coarse = range_codec.block_shape(entry["shape"], block) if block > 1 else entry["shape"]
-    positions = range_codec.decode_positions(section_of(entry, sections, "position"), numel // block,
-                                             range_codec.row_length(coarse), kept // block)
-    if block > 1:
-        positions = (positions[:, None] * block + np.arange(block)).ravel()
+    positions = range_codec.decode_positions(section_of(entry, sections, "position"), numel,
+                                             range_codec.row_length(entry["shape"]), kept)
     return positions, values if encoding == "sparse" else book[range_codec.decode_symbols(index, kept, k)]

@@ -74,9 +74,7 @@ def to_markdown(report: dict[str, Any], title: str = "Compression report") -> st
     t, f = report["paper_total"], report["file"]
     ranged = [r["layer"] for r in report["layers"] if r.get("codec") not in (None, HUFFMAN)]
     if ranged:  # say which coder the H columns measure, and what their "entropy" is there
-        blocks = [r["layer"] for r in report["layers"] if r.get("codec") == "range-v2"]
-        runs = f"; positions of runs of weights (range-v2) for {', '.join(blocks)}" if blocks else ""
-        lines += ["", f"H = range coding (range-v1, beyond the paper) for {', '.join(ranged)}{runs}: its real coded "
+        lines += ["", f"H = range coding (range-v1, beyond the paper) for {', '.join(ranged)}: its real coded "
                   f"bits per kept weight; entropy in parentheses: of the cluster indices (zero-order), and of the "
                   f"mask as independent coin flips (the per-row context can beat it). P and P+Q: the paper's "
                   f"fixed-width layout at the index bits shown, fillers counted."]

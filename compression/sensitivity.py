@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from compression.kmeans import kmeans_1d
+from compression.kmeans import MAX_ITER, kmeans_1d
 from compression.pruning import magnitude_mask
 
 KINDS = ("prune", "quantize")
@@ -53,7 +54,7 @@ def prune_(weight: torch.Tensor, keep_ratio: float) -> None:
     weight.masked_fill_(~magnitude_mask(weight, keep_ratio), 0.0)
 
 
-def quantize_(weight: torch.Tensor, bits: int, init: str = "linear", seed: int = 0, max_iter: int = 1000) -> None:
+def quantize_(weight: torch.Tensor, bits: int, init: str = "linear", seed: int = 0, max_iter: int = MAX_ITER) -> None:
     """Replaces the non-zero entries of ``weight`` by their k-means centroid (at most ``2**bits`` values), in place.
 
     Zeros stay zero (they are the pruned weights and are not clustered); an all-zero weight is left alone.
@@ -202,3 +203,24 @@ def propose(results: Iterable[tuple[Point, Metrics]], baseline_top1: float, budg
         row["quantize_top1_err"] = curves["quantize", init, n][row["bits"]] if row["bits"] else None
     return {"limit": limit, "keep_ratio": keep_ratio, "init": init, "bits": bits, "bits_by_init": by_init,
             "layers": layers}
+
+
+PRUNE_EPOCH = 0  # a sensitivity proposal prunes one-shot at the start of the first epoch...
+QUANTIZE_EPOCH = 1  # ...and clusters one epoch later, so pruning gets one epoch of retraining first
+
+
+def proposal_callbacks(keep_ratio: Mapping[str, float], bits: Mapping[str, int], init: str | None,
+                       seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The ``trainer.callbacks`` entries that apply per-layer targets (a sensitivity proposal): one-shot
+    magnitude pruning at epoch ``PRUNE_EPOCH``, then k-means at epoch ``QUANTIZE_EPOCH`` (epoch 0 when
+    nothing is pruned). The run needs ``trainer.max_epochs`` of at least 2 with both (1 with one of them).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if keep_ratio:
+        out["IterativePruning"] = {"criterion": "magnitude", "keep_ratio": dict(keep_ratio),
+                                   "schedule": "one_shot", "start_epoch": PRUNE_EPOCH}
+    if bits:
+        out["Quantization"] = {"bits": dict(bits), "init": init, "epoch": QUANTIZE_EPOCH if keep_ratio else 0}
+        if seed:
+            out["Quantization"]["seed"] = seed
+    return out

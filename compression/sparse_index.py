@@ -12,9 +12,12 @@ Example with ``index_bits=3`` (span 8), kept positions ``[1, 4, 15]``: gaps from
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 MAX_INDEX_BITS = 16  # widest relative index: a gap field of 1..16 bits
+IndexBits = int | Literal["auto"]  # a relative-index width, or "auto": the one giving the smallest stream
 DEFAULT_INDEX_BITS = 5  # the paper's width for LeNet and VGG fc layers (4 for AlexNet fc, 8 for conv)
 AUTO_INDEX_BITS = range(2, 13)  # widths tried by index_bits="auto" (beyond the paper: smallest file)
 

@@ -1,7 +1,7 @@
 """What every compressed tensor's header entry and sections share, whatever its entropy coder (Deep
-Compression §2-§4): the per-tensor cost record behind the paper's Table 2/3 columns, the codec names the
-header records, and the validated readers of an entry's fields and sections (``compression.model_codec``
-for the paper's Huffman layout, ``compression.range_tensor`` for range-v1).
+Compression §2-§4): the per-tensor cost record behind the paper's Table 2/3 columns, the file tag of the paper's
+layout, and the validated readers of an entry's fields and sections (``compression.model_codec`` for the paper's
+Huffman layout and the codec registry, ``compression.range_tensor`` for range-v1).
 """
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compression import range_codec
-
-HUFFMAN = "huffman-v1"  # the codec of an entry without a "codec" field: the paper's layout
-CODECS = {"huffman": HUFFMAN, "range": range_codec.CODEC}  # export.codec -> what the header records
-DEFAULT_CODEC = "huffman"
-READABLE = (*CODECS.values(), range_codec.CODEC_BLOCKS)  # what the header may record (range-v2: the encoder's choice)
+HUFFMAN = "huffman-v1"  # the file tag of an entry without a "codec" field: the paper's layout
 MAX_CLUSTERS = 1 << 16  # 2**compression.quantization.MAX_BITS: a range-coded header declaring more is corrupt
 
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -13,19 +13,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainer.callbacks import IterativePruning, Quantization
-from trainer.lit_model import LitClassifier
+from trainer.lit_model import LitClassifier, TrainingParts
 
-CONFIG: dict[str, Any] = {  # the keys LitClassifier reads (a resolved config has many more)
-    "loss": "cross_entropy", "metrics": ["top1_err"], "arch": {"args": {"num_classes": 3}},
-    "optimizer": {"type": "SGD", "args": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}},
-    "lr_scheduler": None, "trainer": {"gradient_clip_val": None},
-}
+PARTS = TrainingParts(num_classes=3, metrics=("top1_err",),  # SGD as the configs use it
+                      optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3))
 
 
 def tiny_module() -> LitClassifier:
     torch.manual_seed(0)
     net = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 20), relu=nn.ReLU(), fc2=nn.Linear(20, 3)))
-    return LitClassifier(net, CONFIG)
+    return LitClassifier(net, PARTS)
 
 
 def fit(module: LitClassifier, callbacks: list[pl.Callback], epochs: int) -> pl.Trainer:

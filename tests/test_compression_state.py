@@ -12,7 +12,7 @@ from parse_config import parse_config
 from trainer import compression_state
 from trainer.compression_state import CompressionState
 from trainer.lit_model import LitClassifier
-from builders import build_model
+from builders import build_model, training_parts
 
 
 def small_model() -> torch.nn.Module:
@@ -95,7 +95,7 @@ def test_ddp_is_told_to_leave_the_codebooks_alone(tmp_path: Any) -> None:
     # Codebook gradients are summed from DDP-averaged weight gradients after backward: DDP must not wait
     # for autograd gradients of its own for them, whatever the strategy's name ("auto", "ddp_spawn", ...).
     cfg = parse_config(tiny_config(tmp_path, tmp_path / "runs"))
-    lit = LitClassifier(build_model(cfg), cfg.model_dump())
+    lit = LitClassifier(build_model(cfg), training_parts(cfg))
     assert lit._ddp_params_and_buffers_to_ignore == []
     lit.compression.add_codebook("fc1.weight", 4)
     names = lit._ddp_params_and_buffers_to_ignore

@@ -15,7 +15,8 @@ from compression.model_codec import decode_tensor, encode_tensor
 from helpers import compress_like_the_paper, load_script, sections_of, tiny_config
 import dcz
 from dcz import CompressedFileError, read_compressed, save_compressed
-from trainer.export import encode_checkpoint
+from builders import encode_run_checkpoint
+from parse_config import parse_config
 from models import LeNet5, LeNet300
 
 train = load_script("train")
@@ -149,7 +150,9 @@ def test_train_writes_dcz_and_test_py_gives_identical_results(tmp_path: Path, id
     # dcz.py encode does the same for any checkpoint, with the index width of the checkpoint's config.
     assert dcz.main(["encode", str(run / "best.ckpt"), "--out", str(tmp_path / "again.dcz")]) == 0
     assert (tmp_path / "again.dcz").read_bytes() == (run / "model.dcz").read_bytes()
-    out, again = encode_checkpoint(run / "best.ckpt", tmp_path / "auto.dcz", "auto")
+    cfg = parse_config(json.loads((run / "config.json").read_text()))
+    out, again = encode_run_checkpoint(run / "best.ckpt", tmp_path / "auto.dcz", cfg,
+                                       cfg.export.model_copy(update={"index_bits": "auto"}))
     assert again["file"]["bytes"] == os.path.getsize(out) and (tmp_path / "compression_report.md").is_file()
 
 

@@ -36,12 +36,12 @@ def record(what):
 
 
 build_config_callbacks, save, encode = train.build_config_callbacks, AtomicCheckpointIO.save_checkpoint, \\
-    train.encode_checkpoint
+    train.encode_run_checkpoint
 train.build_config_callbacks = lambda *a, **k: build_config_callbacks(*a, **k) + [RankDump(out)]
 AtomicCheckpointIO.save_checkpoint = lambda self, c, path, storage_options=None: (
     record(f"ckpt {{Path(path).name}}"), save(self, c, path, storage_options))[1]
-train.encode_checkpoint = lambda ckpt, path, *args, **kwargs: (record(f"dcz {{Path(path).name}}"),
-                                                                encode(ckpt, path, *args, **kwargs))[1]
+train.encode_run_checkpoint = lambda ckpt, path, *args, **kwargs: (record(f"dcz {{Path(path).name}}"),
+                                                                    encode(ckpt, path, *args, **kwargs))[1]
 sys.exit(train.main(sys.argv[1:]))
 """
 

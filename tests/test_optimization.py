@@ -1,4 +1,5 @@
-"""The optimizer step LitClassifier writes out itself (schedulers, clipping, step counts, logging); trainer/lean.py."""
+"""The optimizer step LitClassifier writes out itself (schedulers, clipping, step counts, logging), and the Trainer's
+checkpoint and progress-bar callbacks."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
-from lightning.pytorch.callbacks import TQDMProgressBar as LightningTQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from helpers import load_script, tiny_config
 from parse_config import parse_config
-from trainer.lean import ModelCheckpoint, NullProfiler, TQDMProgressBar
-from builders import build_trainer
+from builders import TQDM_REFRESH_BATCHES, build_trainer
 
 train = load_script("train")
 
@@ -82,39 +81,14 @@ def test_gradient_clip_val_bounds_the_update(tmp_path: Path, idx_dir: Path) -> N
     assert update_norm(start, clipped) == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_cached_state_key_is_lightnings_and_follows_monitor_changes() -> None:
-    ours = ModelCheckpoint(dirpath="unused", filename="best", monitor="val/top1_err", mode="min")
-    theirs = LightningModelCheckpoint(dirpath="unused", filename="best", monitor="val/top1_err", mode="min")
-    assert ours.state_key == theirs.state_key and "val/top1_err" in ours.state_key
-    ours.monitor = theirs.monitor = "val/loss"
-    assert ours.state_key == theirs.state_key and "val/loss" in ours.state_key
-
-
-def test_train_py_trainers_use_the_lean_profiler_and_checkpoints(idx_dir: Path, tmp_path: Path) -> None:
+def test_train_py_trainers_use_lightnings_own_checkpoints_and_a_bar_redrawn_every_n_batches(idx_dir: Path,
+                                                                                            tmp_path: Path) -> None:
     cfg = parse_config(tiny_config(idx_dir, tmp_path / "runs"))
-    trainer = build_trainer(cfg, tmp_path)
-    assert isinstance(trainer.profiler, NullProfiler)
-    checkpoints = [c for c in trainer.callbacks if isinstance(c, LightningModelCheckpoint)]
-    assert len(checkpoints) == 2 and all(type(c) is ModelCheckpoint for c in checkpoints)
-    with trainer.profiler.profile("[Callback]x.on_train_batch_end"), trainer.profiler.profile("nested"):
-        pass  # one shared null context: reusable and nestable
+    checkpoints = [c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, ModelCheckpoint)]
+    assert [c.filename for c in checkpoints] == ["best", "last"] and checkpoints[1].monitor is None
     cfg.trainer.progress_bar = "tqdm"
-    (bar,) = [c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, LightningTQDMProgressBar)]
-    assert type(bar) is TQDMProgressBar
-
-
-def test_tqdm_bar_redraws_by_time_and_always_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [100.0]
-    monkeypatch.setattr("trainer.lean.time.monotonic", lambda: now[0])
-    bar = TQDMProgressBar(min_interval=0.2)
-    assert bar._should_update(1, 844)  # the first batch draws
-    now[0] += 0.1
-    assert not bar._should_update(2, 844) and bar._should_update(844, 844)  # too soon, unless the last batch
-    now[0] += 0.25
-    assert bar._should_update(3, 844) and not bar._should_update(4, 844)
-    bar.disable()
-    now[0] += 1.0
-    assert not bar._should_update(5, 844)
+    (bar,) = [c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, TQDMProgressBar)]
+    assert bar.refresh_rate == TQDM_REFRESH_BATCHES > 1
 
 
 def test_train_loss_is_logged_on_the_loggers_steps(tmp_path: Path, idx_dir: Path) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from compression.pruning import (adjusted_dropout, check_block, global_magnitude_masks, keep_ratio_at, magnitude_mask,
+from compression.pruning import (adjusted_dropout, global_magnitude_masks, keep_ratio_at, magnitude_mask,
                                  schedule_epochs, std_threshold_mask)
 
 
@@ -30,34 +30,6 @@ def test_magnitude_mask_never_revives_pruned_weights() -> None:
     new = magnitude_mask(w, 0.5, old)  # keep 3 of 6, among the survivors: 4, 3, 2
     assert new.tolist() == [False, False, False, True, True, True]
     assert magnitude_mask(w, 1.0, old).tolist() == old.tolist()  # a looser target changes nothing
-
-
-def test_block_mask_keeps_whole_blocks_ranked_by_mean_magnitude() -> None:
-    torch.manual_seed(0)
-    w = torch.randn(30, 2, 4, 5)  # rows of 40 weights: 10 blocks of 4 each
-    mask = magnitude_mask(w, 0.1, block=4)  # round(0.1 * 1200 / 4) = 30 blocks
-    blocks, scores = mask.reshape(-1, 4), w.abs().reshape(-1, 4).mean(1)
-    assert int(mask.sum()) == 120 and int(blocks.all(1).sum()) == 30
-    assert torch.equal(blocks.any(1), blocks.all(1))  # every block is whole or gone
-    assert scores[blocks.all(1)].min() > scores[~blocks.all(1)].max()
-    # A later step keeps a subset, and a block with one weight pruned before is not alive any more.
-    old = mask.clone()
-    old.view(-1)[int(torch.nonzero(mask.flatten())[0])] = False
-    new = magnitude_mask(w * torch.rand_like(w), 0.05, old, block=4)
-    assert int(new.sum()) == 60 and not (new & ~old).any()
-    assert torch.equal(new.reshape(-1, 4).any(1), new.reshape(-1, 4).all(1))
-
-
-def test_blocks_never_cross_rows_and_must_split_them() -> None:
-    assert check_block((500, 800), 4) == 800 and check_block((50, 20, 5, 5), 5) == 500
-    with pytest.raises(ValueError, match=r"block 3 does not split rows of 800 weights; blocks that do: 2, 4, 5, 8"):
-        check_block((500, 800), 3)
-    with pytest.raises(ValueError, match=r"block 0 does not split"):
-        magnitude_mask(torch.ones(4, 6), 0.5, block=0)
-    w = torch.zeros(3, 6)
-    w[0, 4:] = w[1, :2] = 1.0  # the two strongest runs of 3 consecutive weights would straddle rows 0 and 1
-    w[2, 3:] = 0.8  # mean 0.8: the best aligned run (rows 0 and 1 have 2/3 each)
-    assert magnitude_mask(w, 3 / 18, block=3).tolist() == [[False] * 6, [False] * 6, [False] * 3 + [True] * 3]
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])

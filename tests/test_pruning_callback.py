@@ -169,23 +169,3 @@ def test_best_checkpoint_comes_from_after_the_last_pruning_step(tmp_path: Path, 
     best = load_ckpt(only_run(tmp_path / "best") / "best.ckpt")
     assert best["epoch"] == 2
     assert int(best["state_dict"]["model.fc1.weight"].count_nonzero()) == 18_816
-
-
-def test_reset_weights_rewinds_survivors_to_their_initial_values(tmp_path: Path, idx_dir: Path) -> None:
-    import lightning.pytorch as pl
-
-    from models import LeNet300
-
-    # Train during epoch 0, prune + rewind at the start of epoch 1, where StepLR(gamma=0) stops all updates.
-    path = write_pruning(tmp_path, idx_dir, "lt", {"keep_ratio": 0.2, "schedule": "epochs", "epochs": [1],
-                                           "reset_weights": True}, max_epochs=2)
-    cfg = json.loads(path.read_text())
-    cfg["lr_scheduler"] = {"type": "StepLR", "args": {"step_size": 1, "gamma": 0.0}}
-    path.write_text(json.dumps(cfg))
-    assert train.main(["-c", str(path)]) == 0
-    ckpt = load_ckpt(only_run(tmp_path / "lt") / "last.ckpt")
-    pl.seed_everything(cfg["seed"], verbose=False)
-    initial = LeNet300().state_dict()  # train.py builds the model right after seeding
-    for name, mask in ckpt["masks"].items():
-        assert torch.equal(ckpt["state_dict"][f"model.{name}"][mask], initial[name][mask])
-        assert torch.count_nonzero(ckpt["state_dict"][f"model.{name}"][~mask]) == 0

@@ -14,6 +14,7 @@ import builders as trainer_module
 from compression.quantization import centroid_grad, dequantize
 from helpers import StopAfter, last_ckpt, load_script, tiny_config, write_config
 from models import LeNet300
+from builders import training_parts
 from trainer.lit_model import LitClassifier
 
 train = load_script("train")
@@ -40,7 +41,7 @@ def test_codebook_gradient_is_the_grouped_sum_of_weight_gradients(idx_dir: Path,
 
     torch.manual_seed(0)
     cfg = parse_config(tiny_config(idx_dir, tmp_path))
-    lit = LitClassifier(LeNet300(), cfg.model_dump())
+    lit = LitClassifier(LeNet300(), training_parts(cfg))
     w = lit.model.fc2.weight
     mask = torch.rand_like(w) < 0.3
     index = torch.randint(0, 8, (int(mask.sum()),))

@@ -23,7 +23,8 @@ from helpers import compress_like_the_paper, tiny_config
 from models import LeNet5, LeNet300
 from parse_config import ConfigError, parse_config
 from trainer.compression_state import INDEX_KEY, MASKS_KEY, codebook_key
-from trainer.export import encode_checkpoint, read_compressed, save_compressed
+from builders import encode_run_checkpoint
+from trainer.export import read_compressed, save_compressed
 
 LENET300 = {"type": "LeNet300", "args": {"num_classes": 10}}
 LENET5 = {"type": "LeNet5", "args": {"num_classes": 10}}
@@ -88,7 +89,7 @@ def test_symbol_streams_round_trip(alphabet: int, symbols: np.ndarray) -> None:
 
 def test_streams_are_stable_across_versions() -> None:
     # range-v1 is a file format: the same input must give these bytes with every constriction release we
-    # accept (requirements.txt). If this fails, the coder changed: that needs a range-v2, not a new digest.
+    # accept (requirements.txt). If this fails, the coder changed: that needs a new codec tag, not a new digest.
     rng = np.random.default_rng(7)
     mask = clustered((30, 200), seed=7)
     symbols = rng.integers(0, 16, int(mask.sum()))
@@ -195,65 +196,14 @@ def range_tensor() -> tuple[dict[str, Any], dict[str, bytes]]:
     return entry, dict(sections)
 
 
-@pytest.fixture()
-def blocky_tensor() -> tuple[dict[str, Any], dict[str, bytes]]:
-    """A quantized 40x80 tensor whose kept weights are 10 % of the runs of 4 of a row (``IterativePruning.block``),
-    as range-v2 entry and sections."""
-    torch.manual_seed(3)
-    mask, codebook = (torch.rand(40, 20) < 0.1).repeat_interleave(4, 1), torch.linspace(-1, 1, 7)
-    index = torch.randint(0, 7, (int(mask.sum()),))
-    w = torch.zeros(40, 80).masked_scatter(mask, codebook[index])
-    entry, sections, stats = encode_tensor("w", w, mask, codebook, index, codec="range")
-    assert (entry["codec"], entry["block"], stats.codec) == ("range-v2", 4, "range-v2")
-    assert torch.equal(decode_tensor(entry, dict(sections)), w)
-    v1 = range_codec.encode_positions(np.flatnonzero(mask.flatten().numpy()), 3200, 80)
-    assert len(dict(sections)["w:position"]) < len(v1)  # why the encoder chose it
-    return entry, dict(sections)
-
-
-@pytest.mark.parametrize(("block", "shape", "expected"), [
-    (4, (40, 80), 4), (8, (40, 80), 8), (16, (40, 80), 16), (32, (40, 80), 16),  # 32 does not divide 80
-    (5, (50, 20, 5, 5), 5),  # a conv kernel's rows; runs longer than the row (25) of a 1-D view are not merged
-    (1, (40, 80), 1),
-])
-def test_block_of_finds_the_longest_aligned_run_that_divides_the_row(block: int, shape: tuple[int, ...],
-                                                                      expected: int) -> None:
-    rng = np.random.default_rng(1)
-    numel = int(np.prod(shape))
-    starts = np.sort(rng.choice(numel // block, numel // block // 10, replace=False)) * block
-    positions = (starts[:, None] + np.arange(block)).ravel()
-    assert range_codec.block_of(positions, range_codec.block_row(shape)) in (expected, 2 * expected)
-    assert range_codec.block_of(positions + 1, range_codec.block_row(shape)) == 1 or block == 1  # not aligned
-    assert range_codec.block_of(np.zeros(0, np.int64), 80) == 1
-
-
 @pytest.mark.parametrize("kept", [0, 1, 3200])
-def test_edge_masks_round_trip_whatever_codec_the_encoder_picks(kept: int) -> None:
+def test_edge_masks_round_trip(kept: int) -> None:
     mask = torch.zeros(40, 80, dtype=torch.bool)
     mask.view(-1)[:kept] = True
     w = torch.randn(40, 80).masked_fill(~mask, 0.0)
     entry, sections, _ = encode_tensor("w", w, mask, codec="range")
     assert torch.equal(decode_tensor(entry, dict(sections)), w)
-    if kept < 3200:  # nothing or one weight kept: no runs (a full mask is runs of 40: either codec may win)
-        assert entry["codec"] == "range-v1" and "block" not in entry
-
-
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("block", 8, "w: position stream"),  # runs of 8 hold other positions: the CRC or the count fails
-    ("block", 3, r"w: block 3 does not split rows of 80 weights into runs holding the \d+ kept"),
-    ("block", 1, "w: block 1 does not split"),
-    ("block", 80, "w: block 80 does not split"),
-    ("block", True, "w: header field 'block' must be a non-negative integer, got True"),
-    ("block", None, "w: header field 'block' must be a non-negative integer, got None"),
-    ("kept", 6, "w: block 4 does not split rows of 80 weights into runs holding the 6 kept"),
-    ("kept", 3204, "w: 3204 kept weights declared for a tensor of 3200"),
-    ("codec", "range-v1", "w: header field 'block' belongs to range-v2 entries, not range-v1"),
-])
-def test_range_v2_header_fields_are_checked(blocky_tensor: tuple[dict, dict], field: str, value: Any,
-                                            match: str) -> None:
-    entry, sections = blocky_tensor
-    with pytest.raises(ValueError, match=f"^{match}"):
-        decode_tensor({**entry, field: value}, sections)
+    assert entry["codec"] == "range-v1"
 
 
 @pytest.mark.parametrize(("kind", "edit", "match"), [
@@ -273,12 +223,10 @@ def test_corrupt_streams_are_rejected(range_tensor: tuple[dict, dict], kind: str
         decode_tensor(entry, {**sections, f"w:{kind}": edit(sections[f"w:{kind}"])})
 
 
-@pytest.mark.parametrize("tensor", ["range_tensor", "blocky_tensor"])
-def test_mutated_streams_fail_with_our_message_or_decode_identically(tensor: str, request: pytest.FixtureRequest
-                                                                     ) -> None:
+def test_mutated_streams_fail_with_our_message_or_decode_identically(range_tensor: tuple[dict, dict]) -> None:
     """Seeded damage inside the streams themselves (below the file's CRCs): truncations, bit flips, stray and
     missing words. Anything but a clean ValueError (a crash, another exception, a hang) fails the test."""
-    entry, sections = request.getfixturevalue(tensor)
+    entry, sections = range_tensor
     expected, rng = decode_tensor(entry, sections), np.random.default_rng(0)
     refused = 0
     for case in range(300):
@@ -309,8 +257,8 @@ def test_mutated_streams_fail_with_our_message_or_decode_identically(tensor: str
     ("kept", 3201, "w: 3201 kept weights declared for a tensor of 3200"),
     ("clusters", 8, "w: codebook has 28 bytes for 8 clusters"),
     ("clusters", 0, "w: codebook has 28 bytes for 0 clusters"),
-    ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1, range-v2"),
-    ("block", 4, "w: header field 'block' belongs to range-v2 entries, not range-v1"),
+    ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1"),
+    ("codec", "range-v2", "w: unknown codec 'range-v2'; this reader knows huffman-v1, range-v1"),  # runs: removed
     ("shape", [20, 160], "w: position stream"),  # another row length: other lanes, other contexts
 ])
 def test_header_fields_are_checked(range_tensor: tuple[dict, dict], field: str, value: Any, match: str) -> None:
@@ -328,7 +276,7 @@ def test_a_file_with_an_unknown_codec_names_the_tensor(tmp_path: Path) -> None:
     save_compressed(model, path, arch=LENET300, codec="range", **compress_like_the_paper(model, 0.1, 4))
     rewrite_header(path, lambda h: h["tensors"][0].update(codec="range-v3"))
     with pytest.raises(CompressedFileError, match=r"fc1.weight: unknown codec 'range-v3'; this reader knows "
-                                                  r"huffman-v1, range-v1, range-v2 \(a file from a newer version\?\)"):
+                                                  r"huffman-v1, range-v1 \(a file from a newer version\?\)"):
         read_compressed(path)
 
 
@@ -361,7 +309,8 @@ def test_dcz_encode_takes_the_codec_from_the_flag_or_the_config(tmp_path: Path, 
     assert report["file"]["bytes"] == (tmp_path / "m.dcz").stat().st_size
     if expected:
         assert "H = range coding (range-v1" in (tmp_path / "compression_report.md").read_text()
-        out, _ = encode_checkpoint(tmp_path / "last.ckpt", tmp_path / "again.dcz", 5)  # None: the config's
+        stored_cfg = parse_config(torch.load(tmp_path / "last.ckpt", weights_only=True)["config"])
+        out, _ = encode_run_checkpoint(tmp_path / "last.ckpt", tmp_path / "again.dcz", stored_cfg)  # its export
         assert read_compressed(out)[1]["tensors"][0].get("codec") == ("range-v1" if stored else None)
 
 

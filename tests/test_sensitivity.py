@@ -20,7 +20,7 @@ from torch import nn
 
 from compression.sensitivity import Point, propose, run_sweeps, sweep_points
 from parse_config import parse_config
-from trainer.callbacks import proposal_callbacks
+from compression.sensitivity import proposal_callbacks
 
 sens = load_script("sensitivity")
 parse_bits, parse_keep_ratios = sens.parse_bits, sens.parse_keep_ratios  # CLI strings are the script's job

@@ -97,10 +97,11 @@ def test_test_py_sparse_and_dcz_info_and_bench(tmp_path: Path, idx_dir: Path,
 
     torch.manual_seed(0)
     model = MODELS["LeNet300"]()
-    from trainer.export import file_metadata
+    from builders import file_metadata
+    from parse_config import parse_config
 
     save_compressed(model, tmp_path / "m.dcz", arch={"type": "LeNet300", "args": {}}, **compress(model, 0.1),
-                    metadata=file_metadata(tiny_config(idx_dir, tmp_path)))
+                    metadata=file_metadata(parse_config(tiny_config(idx_dir, tmp_path))))
     results = []
     for flags in ([], ["--sparse"]):
         assert test.main(["-r", str(tmp_path / "m.dcz"), "--json", "--set", f"data_loader.args.data_dir={idx_dir}",

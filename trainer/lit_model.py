@@ -1,15 +1,18 @@
-"""The classifier LightningModule: loss, top-1/top-5 error (in %), optimizer and scheduler from config.
+"""The classifier LightningModule: loss, top-1/top-5 error (in %), optimizer and scheduler as typed parts.
 
 One ``model_step`` serves train/val/test (lightning-hydra-template's shape). Errors are logged in
-percent (``val/top1_err`` = 1.64 means 1.64 % misclassified) to compare directly with the papers.
+percent (``val/top1_err`` = 1.64 means 1.64 % misclassified) to compare directly with the papers. The module
+reads no config: the config layer hands it a ``TrainingParts`` (``builders.training_parts``).
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -18,14 +21,39 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from logger import get_logger
 from trainer.compression_state import CompressionState
-from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
 from utils import CheckpointError
-
-if TYPE_CHECKING:
-    from trainer.callbacks.distillation import Teacher
 
 log = get_logger("train")
 MODEL_ATTR = "model"  # the attribute holding the network: its weights are "model.*" in a checkpoint
+METRICS = ("top1_err", "top5_err")  # the evaluation metrics, in % error
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits (N, C), labels (N,)) -> scalar
+# A term a callback adds to the training loss: (inputs, logits, loss so far) -> the new loss (Distillation).
+LossHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """What the module trains and evaluates with, built by the config layer.
+
+    Attributes:
+        num_classes: Outputs of the network.
+        loss: The training / evaluation loss.
+        optimizer: Builds the optimizer from parameter groups (the codebooks' group sets its own lr).
+        scheduler: Builds the learning-rate scheduler (stepped once per epoch); None: a constant rate.
+        gradient_clip_val: Clip the total gradient norm to this before each step; None: no clipping.
+        metrics: The error metrics logged at validation and test (a subset of ``METRICS``).
+        checkpoint_config: Stored as it is in every checkpoint (so that a checkpoint alone rebuilds its run);
+            never read here.
+    """
+
+    num_classes: int
+    loss: Loss = nn.functional.cross_entropy
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = torch.optim.SGD
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    gradient_clip_val: float | None = None
+    metrics: tuple[str, ...] = METRICS
+    checkpoint_config: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -38,22 +66,32 @@ def network_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
+def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match)."""
+    try:
+        result = model.load_state_dict(network_state(ckpt), strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {str(err)[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
 class LitClassifier(pl.LightningModule):
     """Wraps a plain ``nn.Module`` classifier.
 
     Args:
         model: The network (from ``models.MODELS``); exposed as ``self.model``.
-        config: The resolved configuration as a plain dict (``Config.model_dump()``); it is stored in
-            every checkpoint so a checkpoint alone can rebuild the run.
+        parts: Loss, optimizer and scheduler factories, clipping, metrics (``TrainingParts``).
     """
 
-    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, parts: TrainingParts) -> None:
         super().__init__()
         self.model = model
-        self.config = config
-        self.loss_fn = LOSSES[config["loss"]]
-        num_classes = int(config["arch"]["args"]["num_classes"])
-        self.metrics = list(config["metrics"])
+        self.parts = parts
+        self.loss_fn = parts.loss
+        num_classes = parts.num_classes
+        self.metrics = list(parts.metrics)
         # One pair of accuracy meters per evaluation stage; top-5 needs at least 5 classes.
         self.acc = nn.ModuleDict({
             stage: nn.ModuleDict({
@@ -66,11 +104,11 @@ class LitClassifier(pl.LightningModule):
         # start with this attribute's name, STATE_ATTR).
         self.compression = CompressionState()
         self.codebook_lr: float | None = None  # learning rate of the codebooks (None: the optimizer's)
-        self.teacher: Teacher | None = None  # set by the Distillation callback: adds its soft term to the loss
+        self.loss_hook: LossHook | None = None  # set by a callback (Distillation) that adds a term to the loss
         # The optimizer step is written out in training_step (Lightning's manual optimization): the
         # automatic loop's closures and extra hooks cost ~0.2 ms a step, ~10 % of a LeNet step on CPU.
         self.automatic_optimization = False
-        self.gradient_clip_val: float | None = config["trainer"].get("gradient_clip_val")
+        self.gradient_clip_val = parts.gradient_clip_val
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -82,14 +120,6 @@ class LitClassifier(pl.LightningModule):
         # autograd gradient for them (it would fail at the second step unless find_unused_parameters=True,
         # whatever the strategy's name) nor average them again.
         return self.compression.codebook_keys()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name (a plain string) around each of ~20 hook calls per step;
-        # nn.Module.__setattr__ would check it against parameters/modules/buffers each time, ~2 us a call.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
@@ -103,16 +133,9 @@ class LitClassifier(pl.LightningModule):
         # before optimizer.step(), which increments global_step.
         log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         optimizer = self.optimizers()
-        if self.teacher is None:
-            loss, _, _ = self.model_step(batch)
-        else:
-            x, y = batch
-            x, y_mixed, lam = self.teacher.mix(x, y)  # the batch itself unless Distillation.mixup
-            logits = self(x)
-            loss = self.loss_fn(logits, y)
-            if lam != 1.0:
-                loss = lam * loss + (1.0 - lam) * self.loss_fn(logits, y_mixed)
-            loss = self.teacher.loss(x, logits, loss)
+        loss, logits, _ = self.model_step(batch)
+        if self.loss_hook is not None:
+            loss = self.loss_hook(batch[0], logits, loss)
         optimizer.zero_grad()
         self.manual_backward(loss)  # then on_after_backward: masked gradients, codebook gradients
         optimizer.step()  # calls on_before_optimizer_step (gradient clipping) first, then updates
@@ -221,22 +244,20 @@ class LitClassifier(pl.LightningModule):
             _set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self) -> Any:
-        spec = self.config["optimizer"]
         groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
         if len(self.compression.codebooks):  # trained from the first step they exist (paper §3.3)
             group = {"params": list(self.compression.codebooks.parameters()), "weight_decay": 0.0}
             if self.codebook_lr is not None:
                 group["lr"] = self.codebook_lr
             groups.append(group)
-        optimizer = OPTIMIZERS[spec["type"]](groups, **spec["args"])
-        sched_spec = self.config.get("lr_scheduler")
-        if not sched_spec:
+        optimizer = self.parts.optimizer(groups)
+        if self.parts.scheduler is None:
             return optimizer
-        scheduler = SCHEDULERS[sched_spec["type"]](optimizer, **sched_spec["args"])
+        scheduler = self.parts.scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}  # stepped in on_train_epoch_end
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["config"] = self.config  # plain JSON types: loadable with weights_only=True
+        checkpoint["config"] = self.parts.checkpoint_config  # plain JSON types: loadable with weights_only=True
         checkpoint.update(self.compression.checkpoint_entries())
         checkpoint["rng_states"] = _rng_states()
 

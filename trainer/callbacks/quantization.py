@@ -20,11 +20,11 @@ from pydantic import Field, field_validator
 from torch import nn
 from typing_extensions import override
 
-from compression.kmeans import INITS, kmeans_1d
+from compression.kmeans import INITS, MAX_ITER, kmeans_1d
 from compression.layers import per_layer
 from compression.quantization import DEFAULT_BITS, MAX_BITS
 from logger import get_logger
-from trainer.callbacks.args import StrictArgs, validated
+from strict_args import StrictArgs, validated
 from trainer.callbacks.best import reset_best
 
 if TYPE_CHECKING:  # the module this callback works on (its .model, .masks, .compression, .codebook_lr)
@@ -52,7 +52,7 @@ class QuantizationArgs(StrictArgs):
     layers: list[str] | None = None  # layer names or types to quantize (default: those of bits)
     bias_bits: int | None = None  # share the selected layers' biases too (those of > 4 * 2**bias_bits entries)
     seed: int = 0  # seed of forgy / kmeans++ (k-means is deterministic, so every DDP rank agrees)
-    max_iter: int = 1000  # Lloyd iterations at most
+    max_iter: int = MAX_ITER  # Lloyd iterations at most
 
     @field_validator("bias_bits")
     @classmethod
