@@ -143,8 +143,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep ratios in (0, 1]: a list '1.0,0.5,0.1' and/or descending ranges 'START:STOP:STEP'")
     parser.add_argument("--bits", default="1:8", help="bits in 1..16: a list '2,4,8' and/or ascending ranges 'LO:HI'")
     parser.add_argument("--inits", default="linear,density,forgy",
-                        help="k-means initialisations (linear, density, forgy, kmeans++), comma-separated")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the forgy / kmeans++ initialisations")
+                        help="k-means initialisations (linear, density, forgy), comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the forgy initialisation")
     parser.add_argument("--limit-batches", type=_batches, default=None,
                         help="evaluate on this many batches (an integer) or this fraction of them; default: all")
     parser.add_argument("--out", default=None, help="output folder (default: sensitivity/ beside the checkpoint)")

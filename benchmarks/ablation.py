@@ -11,27 +11,22 @@ switching one technique on at a time:
 1. ``paper``: the paper-faithful recipe's keep ratios and bits (``*_pipeline.json``), Huffman coding;
 2. ``+ sparser, fewer bits``: the beyond recipe's keep ratios and bits, still Huffman, no teacher;
 3. ``+ distillation``: the dense model teaches the compressed one (``Distillation``);
-3b. ``+ <Arch> teacher`` (when the recipe names a ``Distillation.teacher``): that other network teaches instead,
-   trained once (``train.py -c`` its config into ``--save-dir``/teacher) unless ``--teacher CKPT`` gives it;
-   ``+ ensemble teacher (...)`` when it names a list: its members teach together (``"self"``, the dense model,
-   stays itself; each config member is trained once, member i into ``--save-dir``/teacher_i with its seed + i,
-   as train.py does, unless ``--teacher`` lists their checkpoints, ``self`` where the recipe has it);
-3c. ``+ feature hints`` (when the recipe's ``Distillation`` names ``features``): the same teacher, the student
-   also matching its layer outputs; the rows above it run without them;
+3b. ``+ <Arch> teacher`` (when the recipe names a ``Distillation.teacher``, or ``--teacher CKPT`` gives one): that
+   other network teaches instead; a config is trained once into ``--save-dir``/teacher, as train.py trains it
+   (``teacher.py``);
 4. ``+ range codec``: the last taught row's checkpoint re-encoded with ``export.codec: "range"`` (no training: the
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
    error is the file's, biases rounded);
 6. ``+ shared biases``: that cycle trained again with the recipe's ``Quantization.bias_bits`` (the long
    biases share a fine-tuned codebook), range-coded with float16 for the short ones: the beyond recipe's
-   compression cycle as shipped;
-7. ``+ block pruning`` (when the recipe's ``IterativePruning`` has a ``block``): that cycle again with it, the
-   same keep ratios in runs of weights (range-v2 codes their positions); then this row is the recipe as shipped.
+   compression cycle as shipped.
 
-Rows 1-5 run without ``bias_bits`` (their biases are stored raw), rows 1-6 without ``block``.
+Rows 1-5 run without ``bias_bits`` (their biases are stored raw).
 
 ``--scales`` adds points to the curve: both recipes with every keep ratio times each scale (1.0 is the
 table's rows). Into ``--out``: ``ablation_<model>.md``, ``ablation_<model>.json``, ``rate_vs_error_<model>.png``.
+The ``train.py`` / ``test.py`` calls are ``runs.py``'s (shared with ``reproduce.py``).
 """
 
 from __future__ import annotations
@@ -47,17 +42,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, like train.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runs.py and results_tables.py beside this file
 
-from reproduce import ROOT, ReproduceError, last_error, path_override, train  # noqa: E402
+from results_tables import ReproduceError
+from runs import ROOT, evaluate_dcz, last_error, path_override, train
 
-from compression.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from parse_config import ConfigError, load_config, parse_config  # noqa: E402
-from train import teacher_command, teacher_folder  # noqa: E402
-from utils import CheckpointError, commit_id  # noqa: E402
+from compression.atomic import atomic_write_bytes, atomic_write_text
+from parse_config import ConfigError, parse_config
+from teacher import FOLDER, teacher_command, teacher_config
+from utils import commit_id
 
 MODELS = ("lenet300", "lenet5")
-COMPRESSION = ("Distillation", "IterativePruning", "Quantization")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,9 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep-ratio multipliers of the curve's points, comma-separated (1.0: the table)")
     parser.add_argument("--save-dir", default=str(ROOT / "runs" / "ablation"), help="where the runs go")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the tables go")
-    parser.add_argument("--teacher", default=None, nargs="+", metavar="CKPT",
-                        help="checkpoint of the recipe's Distillation.teacher, or one per member of its list ('self' "
-                             "for the dense model) (default: train its configs once)")
+    parser.add_argument("--teacher", default=None, metavar="CKPT",
+                        help="checkpoint of the other network that teaches (default: the recipe's "
+                             "Distillation.teacher, a config trained once)")
     parser.add_argument("--reuse", action="store_true",
                         help="take fits already finished under --save-dir with the same config (an interrupted or "
                              "earlier ablation) instead of training them again")
@@ -93,31 +89,24 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
 
 def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
                       distill: bool, codec: str, shared_biases: bool = False,
-                      teacher: list[str] | None = None, hints: bool = True, blocks: bool = False) -> dict[str, Any]:
+                      teacher: str | None = None) -> dict[str, Any]:
     """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
-    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases; its
-    ``IterativePruning.block`` only with ``blocks``).
-    With ``distill``, ``teacher`` (checkpoints, ``"self"``: the dense model) teaches, else the dense model itself
-    (the recipe's own ``Distillation.teacher`` never: its configs would be trained again by every row); its
-    ``Distillation.features`` only with ``hints``."""
+    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases).
+    With ``distill``, the checkpoint ``teacher`` teaches, else the dense model itself (the recipe's own
+    ``Distillation.teacher`` never: a config would be trained again by every row)."""
     cfg = copy.deepcopy(beyond)
     shift = first_compression_epoch(cfg)
     cbs = cfg["trainer"]["callbacks"]
     cbs["IterativePruning"].update(keep_ratio=keep, start_epoch=cbs["IterativePruning"]["start_epoch"] - shift,
                                    end_epoch=cbs["IterativePruning"]["end_epoch"] - shift)
     cbs["Quantization"].update(bits=bits, epoch=cbs["Quantization"]["epoch"] - shift)
-    if not blocks:
-        cbs["IterativePruning"].pop("block", None)
     if not shared_biases:
         cbs["Quantization"].pop("bias_bits", None)
     if distill:
         cbs["Distillation"]["epoch"] -= shift
         cbs["Distillation"].pop("teacher", None)
-        if not hints:
-            for key in ("features", "feature_weight"):
-                cbs["Distillation"].pop(key, None)
         if teacher is not None:
-            cbs["Distillation"]["teacher"] = teacher[0] if len(teacher) == 1 else list(teacher)
+            cbs["Distillation"]["teacher"] = teacher
     else:
         cbs.pop("Distillation", None)
     cfg["trainer"]["max_epochs"] -= shift
@@ -138,6 +127,21 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     return cfg
 
 
+def trained_checkpoint(cmd: list[str], runs: Path, pattern: str, what: str) -> Path:
+    """Runs the train.py command ``cmd``; returns the one new ``last.ckpt`` under ``runs`` that ``pattern`` finds.
+
+    Raises:
+        ReproduceError: train.py failed, or left no new checkpoint (or several).
+    """
+    before = set(runs.glob(pattern))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    new = sorted(set(runs.glob(pattern)) - before)
+    if proc.returncode != 0 or len(new) != 1:
+        raise ReproduceError(f"training {what} failed (exit {proc.returncode}, {len(new)} new checkpoints): "
+                             f"{last_error(proc.stdout + proc.stderr)}")
+    return new[0]
+
+
 def train_dense(beyond: dict[str, Any], save_dir: Path) -> Path:
     """Trains the beyond recipe's dense stage alone; returns its last checkpoint (what ``dense.ckpt`` holds)."""
     cfg = copy.deepcopy(beyond)
@@ -145,66 +149,43 @@ def train_dense(beyond: dict[str, Any], save_dir: Path) -> Path:
     cfg["trainer"].update(max_epochs=first_compression_epoch(beyond), callbacks={})
     path = save_dir / f"{cfg['name']}.json"
     path.write_text(json.dumps(cfg, indent=2))
-    before = set(save_dir.glob(f"{cfg['name']}/*"))
     cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(path)] + path_override("trainer.save_dir", save_dir)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    new = sorted(set(save_dir.glob(f"{cfg['name']}/*")) - before)
-    if proc.returncode != 0 or len(new) != 1:
-        raise ReproduceError(f"dense training failed (exit {proc.returncode}): {last_error(proc.stdout + proc.stderr)}")
-    return new[0] / "last.ckpt"
+    return trained_checkpoint(cmd, save_dir, f"{cfg['name']}/*/last.ckpt", "the dense stage")
 
 
-def teacher_arch(teacher: str | Path) -> str:
-    """The architecture of a teacher checkpoint, from the config stored in it, else its run folder's config.json
-    ("itself" for ``self``; "another network" without either)."""
-    if str(teacher) == "self":
-        return "itself"
+def teacher_arch(beyond: dict[str, Any], teacher: str | Path) -> str:
+    """The architecture of the teacher checkpoint ``teacher`` of the recipe ``beyond``, from the config stored
+    with it (``teacher_config``); "another network" without one."""
     try:
-        return load_config(None, teacher, []).arch.type
-    except (ConfigError, CheckpointError, OSError):
-        pass
-    try:
-        return str(json.loads((Path(teacher).parent / "config.json").read_text())["arch"]["type"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return teacher_config(parse_config(beyond), teacher).arch.type
+    except ConfigError:
         return "another network"
 
 
-def teacher_label(teacher: list[str]) -> str:
-    """The teacher column of a row taught by ``teacher``: its architecture, or its members' ("itself + LeNet5")."""
-    return " + ".join(teacher_arch(member) for member in teacher)
+def find_teacher(args: argparse.Namespace, beyond: dict[str, Any], save_dir: Path) -> str | None:
+    """The checkpoint of the other network that teaches: ``--teacher``, else the recipe's ``Distillation.teacher``
+    (a config trained once into ``save_dir``/teacher, as train.py trains it); None: the recipe has none.
 
-
-def find_teacher(args: argparse.Namespace, beyond: dict[str, Any], save_dir: Path) -> list[str] | None:
-    """The recipe's other teacher as checkpoints (``"self"`` kept): ``--teacher``, else its configs trained
-    once, member i as train.py trains it (None: the recipe has none)."""
+    Raises:
+        ReproduceError: no such checkpoint, its training failed, or a teacher of other data (``teacher_config``).
+    """
     named = (beyond["trainer"]["callbacks"].get("Distillation") or {}).get("teacher")
-    members = [] if named is None else [named] if isinstance(named, str) else list(named)
     if args.teacher:
-        given = [m if m == "self" else str(Path(m).expanduser().resolve()) for m in args.teacher]
-        if members and len(given) != len(members):
-            raise ReproduceError(f"--teacher: {len(given)} checkpoints for the recipe's {len(members)} teachers "
-                                 f"({', '.join(members)})")
-        for member in given:
-            if member != "self" and not Path(member).is_file():
-                raise ReproduceError(f"--teacher {member}: no such checkpoint")
-        return given
-    if not members or members == ["self"]:
+        ckpt = Path(args.teacher).expanduser().resolve()
+        if not ckpt.is_file():
+            raise ReproduceError(f"--teacher {ckpt}: no such checkpoint")
+    elif named is None:
         return None
-    found = []
-    for i, member in enumerate(members):
-        if member == "self" or member.endswith(".ckpt"):
-            found.append(member if member == "self" else str(ROOT / member))
-            continue
-        folder = save_dir / teacher_folder(i)
-        cmd = teacher_command(ROOT / member, load_config(ROOT / member, None, []).seed, i, folder)
-        before = set(folder.glob("*/*/last.ckpt"))
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-        new = sorted(set(folder.glob("*/*/last.ckpt")) - before)
-        if proc.returncode != 0 or len(new) != 1:
-            raise ReproduceError(f"training the teacher {member} failed (exit {proc.returncode}): "
-                                 f"{last_error(proc.stdout + proc.stderr)}")
-        found.append(str(new[0]))
-    return found
+    elif named.endswith(".json"):
+        ckpt = trained_checkpoint(teacher_command(ROOT / named, save_dir / FOLDER), save_dir, f"{FOLDER}/*/*/last.ckpt",
+                                  f"the teacher {named}")
+    else:
+        ckpt = ROOT / named
+    try:
+        teacher_config(parse_config(beyond), ckpt)
+    except ConfigError as err:
+        raise ReproduceError(str(err)) from None
+    return str(ckpt)
 
 
 def run_row(cfg: dict[str, Any], save_dir: Path) -> dict[str, Any]:
@@ -218,42 +199,33 @@ def recode(row: dict[str, Any], name: str, raw_dtype: str) -> dict[str, Any]:
     """Row ``row``'s best checkpoint encoded with the range codec, evaluated by test.py (the file alone)."""
     run = Path(row["run_dir"])
     out = run / f"model_range_{raw_dtype}.dcz"
-    cmds = [[sys.executable, str(ROOT / "dcz.py"), "encode", str(run / "best.ckpt"), "--out", str(out), "--codec",
-             "range", "--raw-dtype", raw_dtype], [sys.executable, str(ROOT / "test.py"), "-r", str(out), "--json"]]
-    results = [subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True) for cmd in cmds]
-    for cmd, proc in zip(cmds, results):
-        if proc.returncode != 0:
-            raise ReproduceError(f"{shlex.join(cmd[1:3])} failed: {last_error(proc.stdout + proc.stderr)}")
-    err = json.loads(results[1].stdout.strip().splitlines()[-1])["top1_err"]
+    cmd = [sys.executable, str(ROOT / "dcz.py"), "encode", str(run / "best.ckpt"), "--out", str(out), "--codec",
+           "range", "--raw-dtype", raw_dtype]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ReproduceError(f"dcz.py encode failed on {run / 'best.ckpt'}: {last_error(proc.stdout + proc.stderr)}")
     size = out.stat().st_size
-    return {**row, "recipe": name, "top1_err": err, "dcz_bytes": size, "rate": row["dense_bytes"] / size,
-            "run_dir": str(run), "file": out.name, "codec": "range", "raw_dtype": raw_dtype}
+    return {**row, "recipe": name, "top1_err": evaluate_dcz(out, None), "dcz_bytes": size,
+            "rate": row["dense_bytes"] / size, "file": out.name, "codec": "range", "raw_dtype": raw_dtype}
 
 
 def scaled(keep: dict[str, float], scale: float) -> dict[str, float]:
     return {k: round(min(1.0, v * scale), 4) for k, v in keep.items()}
 
 
-def runs(block: int | dict[str, int] | None, layer: str) -> str:
-    """`` in runs of b`` where ``IterativePruning.block`` prunes ``layer`` in runs (a type key is not matched)."""
-    b = (block.get(layer, 1) if isinstance(block, dict) else block) or 1
-    return f" in runs of {b}" if b > 1 else ""
-
-
 def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str, command: str) -> str:
     lines = [f"# Ablation: {model} on Fashion-MNIST, every row from the same dense checkpoint", "",
-             f"`{command}` at commit `{commit}`. Dense top-1 error {dense_err:.2f} % (test split); each row is the "
-             "beyond recipe's compression cycle with the techniques named switched on, its `model.dcz` "
-             "measured on disk and evaluated by `test.py`.", "",
+             (f"`{command}` at commit `{commit}`. Dense top-1 error {dense_err:.2f} % (test split); each row is "
+              "the beyond recipe's compression cycle with the techniques named switched on, its `model.dcz` "
+              "measured on disk and evaluated by `test.py`."), "",
              "| row | keep ratios | bits | codec | teacher | biases | file bytes | rate | top-1 error | vs dense |",
              "|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        keep = " / ".join(f"{k} {100 * v:g}%{runs(r.get('block'), k)}" for k, v in r["keep"].items())
+        keep = " / ".join(f"{k} {100 * v:g}%" for k, v in r["keep"].items())
         bits = " / ".join(f"{k} {v}" for k, v in r["bits"].items())
         biases = r.get("raw_dtype", "float32") + (f", long ones {r['bias_bits']}-bit" if r.get("bias_bits") else "")
         teacher = r.get("teacher") or ("itself" if r["distill"] else "no")
-        lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {teacher} | "
-                     f"{biases} | "
+        lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {teacher} | {biases} | "
                      f"{r['dcz_bytes']:,} | **{r['rate']:.1f}×** | {r['top1_err']:.2f} % | "
                      f"{r['top1_err'] - dense_err:+.2f} pt |")
     return "\n".join(lines) + "\n"
@@ -285,52 +257,40 @@ def plot(model: str, dense_err: float, points: dict[str, list[tuple[float, float
 
 
 def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str, Any], dense: Path,
-              teacher: list[str] | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+              teacher: str | None = None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """Every fit of the table and the curve, in table order: ``(tag, config, row fields)``."""
     scales = [float(s) for s in args.scales.split(",") if s.strip()]
     if 1.0 not in scales or any(s <= 0 for s in scales):
         raise ReproduceError(f"--scales {args.scales!r}: expected positive numbers including 1.0 (the table's "
                              "rows), e.g. 1.0,1.4")
-    ours_keep = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
-    ours_bits = beyond["trainer"]["callbacks"]["Quantization"]["bits"]
-    paper_keep = paper["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
-    paper_bits = paper["trainer"]["callbacks"]["Quantization"]["bits"]
-    variants = [("paper", paper_keep, paper_bits, False, None),
-                ("+ sparser, fewer bits", ours_keep, ours_bits, False, None),
-                ("+ distillation", ours_keep, ours_bits, True, None)]
+    cbs, paper_cbs = beyond["trainer"]["callbacks"], paper["trainer"]["callbacks"]
+    ours = (cbs["IterativePruning"]["keep_ratio"], cbs["Quantization"]["bits"])
+    # (row, keep ratios, bits, distill, teacher checkpoint: None for the dense model itself)
+    variants = [("paper", paper_cbs["IterativePruning"]["keep_ratio"], paper_cbs["Quantization"]["bits"], False, None),
+                ("+ sparser, fewer bits", *ours, False, None), ("+ distillation", *ours, True, None)]
+    label = None  # the teacher's architecture
     if teacher is not None:
-        label = teacher_label(teacher)
-        variants.append((f"+ {label} teacher" if len(teacher) == 1 else f"+ ensemble teacher ({label})",
-                         ours_keep, ours_bits, True, teacher))
-    hinted = bool(beyond["trainer"]["callbacks"].get("Distillation", {}).get("features"))
-    if hinted:  # the taught rows above without the recipe's feature term, then with it
-        variants.append(("+ feature hints", ours_keep, ours_bits, True, teacher))
+        label = teacher_arch(beyond, teacher)
+        variants.append((f"+ {label} teacher", *ours, True, teacher))
     last_taught = variants[-1][0]
-    blocky = bool(beyond["trainer"]["callbacks"]["IterativePruning"].get("block"))
-    shipped = "+ block pruning" if blocky else "+ shared biases"
     fits = []
     for scale in scales:
         for i, (name, keep, bits, distill, by) in enumerate(variants):
-            hints = name == "+ feature hints" or not hinted
             if scale != 1.0 and name not in ("paper", last_taught):
                 continue  # the curve compares the two recipes; the middle rows are the table's only
             keep = scaled(keep, scale)
             tag = f"{args.model}_ablation_{i + 1}" + ("" if scale == 1.0 else f"_x{scale:g}")
             fields = {"keep": keep, "bits": bits, "scale": scale, "index": i, "last_taught": name == last_taught,
-                      "teacher": "no" if not distill else "itself" if by is None else teacher_label(by)}
-            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by,
-                                                hints=hints),
+                      "teacher": "no" if not distill else "itself" if by is None else label}
+            fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by),
                          {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
             if name == last_taught:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
-                last = [("_biases", "+ shared biases"), ("_blocks", "+ block pruning")][:2 if blocky else 1]
-                for suffix, recipe in last if scale == 1.0 else last[-1:]:  # the curve needs the shipped one only
-                    cfg = compression_cycle(beyond, dense, tag + suffix, keep, bits, True, "range", shared_biases=True,
-                                            teacher=by, blocks=suffix == "_blocks")
-                    fits.append((tag + suffix, cfg, {
-                        **fields, "last_taught": False, "recipe": recipe, "distill": True, "codec": "range",
-                        "raw_dtype": cfg["export"]["raw_dtype"], "shipped": recipe == shipped,
-                        "block": cfg["trainer"]["callbacks"]["IterativePruning"].get("block"),
-                        "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
+                cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True,
+                                        teacher=by)
+                fits.append((tag + "_biases", cfg, {
+                    **fields, "last_taught": False, "recipe": "+ shared biases", "distill": True, "codec": "range",
+                    "raw_dtype": cfg["export"]["raw_dtype"], "shipped": True,
+                    "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
     return fits
 
 
@@ -374,8 +334,7 @@ def collect(args: argparse.Namespace) -> tuple[float, list[dict[str, Any]], dict
     dense = Path(args.dense).expanduser().resolve() if args.dense else train_dense(beyond, save_dir)
     if not dense.is_file():
         raise ReproduceError(f"--dense {dense}: no such checkpoint")
-    teacher = find_teacher(args, beyond, save_dir)
-    fits = plan_rows(args, beyond, paper, dense, teacher)
+    fits = plan_rows(args, beyond, paper, dense, find_teacher(args, beyond, save_dir))
     done = run_fits(fits, save_dir, args.jobs, args.reuse)
     rows, points = [], {}
     for tag, _, fields in fits:
@@ -408,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/ablation.py", *argv])
     text = table(args.model, dense_err, rows, commit, command)
-    keys = ("recipe", "keep", "block", "bits", "codec", "raw_dtype", "bias_bits", "distill", "teacher", "dcz_bytes",
+    keys = ("recipe", "keep", "bits", "codec", "raw_dtype", "bias_bits", "distill", "teacher", "dcz_bytes",
             "rate", "top1_err", "dense_top1_err", "dense_bytes", "wall_s", "run_dir")
     data = {"model": args.model, "commit": commit, "command": command,
             "rows": [{k: r.get(k) for k in keys} for r in rows],

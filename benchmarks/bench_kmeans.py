@@ -1,7 +1,7 @@
 """Benchmark: our 1-D k-means (compression/kmeans.py, Han et al. 2016 §3) against scikit-learn's KMeans.
 
 Both start from the same linear-init centroids, on the same seeded normal float32 values (a layer's weights
-are float32), with ``n_init=1`` and Lloyd's algorithm. Target (DESIGN.md): on 1M values and 32 clusters at
+are float32), with ``n_init=1`` and Lloyd's algorithm. Target (docs/architecture.md): on 1M values and 32 clusters at
 least 20x faster with an inertia no worse (ours <= sklearn * (1 + 1e-6)). The 4M / 256 case is VGG-16 fc6
 after pruning. Both inertias are recomputed here in float64 from each method's own centroids and labels.
 

@@ -22,7 +22,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-INITS: tuple[str, ...] = ("linear", "density", "forgy", "kmeans++")
+INITS: tuple[str, ...] = ("linear", "density", "forgy")  # the paper's three (§3.2)
 MAX_ITER = 1000  # Lloyd updates at most (the 1-D exact Lloyd converges in far fewer on trained weights)
 
 
@@ -105,52 +105,7 @@ def _top(scores: np.ndarray, m: int) -> np.ndarray:
     return candidates[np.argsort(-scores[candidates], kind="stable")[:m]]
 
 
-def _init_kmeanspp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k-means++ D^2 sampling (see :func:`init_centroids`). One uniform draw per step picks a cell (the values
-    nearest one centroid) by its D^2 mass, then a value in it; a new centroid changes only the cells beside it."""
-    rng = np.random.default_rng(seed)
-    centroids = np.array([x[rng.integers(x.size)]])
-    d2 = (x - centroids[0]) ** 2  # (n,) squared distance to the nearest centroid
-    bounds = np.array([0, x.size])  # cell j is x[bounds[j]:bounds[j + 1]]
-    mass = np.array([d2.sum()])  # (cells,) D^2 mass of each cell
-    while centroids.size < k and mass.sum() > 0.0:
-        cumulative = np.cumsum(mass)
-        r = rng.random() * cumulative[-1]
-        cell = _pick(cumulative, mass, r)
-        r -= cumulative[cell] - mass[cell]
-        segment = d2[bounds[cell]:bounds[cell + 1]]
-        value = x[bounds[cell] + _pick(np.cumsum(segment), segment, r)]
-        centroids, bounds, mass = _kpp_insert(x, d2, centroids, bounds, mass, value)
-    return centroids
-
-
-def _pick(cumulative: np.ndarray, weights: np.ndarray, r: float) -> int:
-    """Index ``i`` with ``cumulative[i-1] <= r < cumulative[i]``; a rounding overshoot falls back to the last
-    positive weight, so a zero-weight index is never returned."""
-    i = int(np.searchsorted(cumulative, r, side="right"))
-    return i if i < weights.size and weights[i] > 0.0 else int(np.flatnonzero(weights > 0.0)[-1])
-
-
-def _kpp_insert(x: np.ndarray, d2: np.ndarray, centroids: np.ndarray, bounds: np.ndarray, mass: np.ndarray,
-                value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Adds centroid ``value``; updates ``d2`` in place and the cells around it (the only ones it can change)."""
-    pos = int(np.searchsorted(centroids, value))
-    lo, hi = max(pos - 1, 0), min(pos, centroids.size - 1)  # old cells that may lose values to the new one
-    centroids = np.insert(centroids, pos, value)
-    start, stop = bounds[lo], bounds[hi + 1]
-    local = centroids[lo:hi + 2]  # the new cells lo .. hi + 1
-    inner = start + np.searchsorted(x[start:stop], (local[:-1] + local[1:]) / 2.0, side="right")
-    edges = np.concatenate(([start], inner, [stop]))
-    d2[start:stop] = (x[start:stop] - np.repeat(local, np.diff(edges))) ** 2
-    running = np.concatenate(([0.0], np.cumsum(d2[start:stop])))  # non-decreasing, so masses are >= 0
-    local_mass = running[edges[1:] - start] - running[edges[:-1] - start]
-    bounds = np.concatenate((bounds[:lo + 1], inner, bounds[hi + 1:]))
-    mass = np.concatenate((mass[:lo], local_mass, mass[hi + 1:]))
-    return centroids, bounds, mass
-
-
-_INIT_FUNCTIONS = {"linear": _init_linear, "density": _init_density, "forgy": _init_forgy,
-                   "kmeans++": _init_kmeanspp}
+_INIT_FUNCTIONS = {"linear": _init_linear, "density": _init_density, "forgy": _init_forgy}
 
 
 def _check_k_init_seed(k: object, init: object, seed: object) -> tuple[int, int]:
@@ -169,16 +124,12 @@ def init_centroids(values: np.ndarray, k: int, method: str = "linear", seed: int
           proportional to its number of occurrences (Forgy's "k random observations" with repeated values
           skipped): the ``k`` largest Efraimidis-Spirakis keys ``log(u) / count``, ``u`` drawn from
           ``np.random.default_rng(seed).random`` for the distinct values in ascending order.
-        - ``"kmeans++"``: D^2 sampling (Arthur & Vassilvitskii 2007) with ``np.random.default_rng(seed)``: the
-          first centroid is a value drawn uniformly (by occurrence), each next one a value drawn with probability
-          proportional to its squared distance to the nearest centroid so far; stops early once every value
-          sits on a centroid.
 
     Args:
         values: 1-D real array, finite, non-empty (the layer's non-zero weights).
         k: Number of centroids wanted, ``>= 1``.
         method: One of :data:`INITS`.
-        seed: Seed for ``"forgy"`` and ``"kmeans++"`` (unused by the deterministic ones).
+        seed: Seed for ``"forgy"`` (unused by the deterministic ones).
 
     Returns:
         float64 array, strictly increasing, length ``<= k`` (duplicates removed).

@@ -94,7 +94,7 @@ def run_sweeps(layers: Mapping[str, nn.Module], points: Iterable[Point], evaluat
         points: Sweep points, grouped by layer (``sweep_points``).
         evaluate: Evaluates the whole network as it is now; returns ``Metrics``.
         baseline: ``evaluate()`` of the untouched network.
-        seed: Seed of the ``forgy`` / ``kmeans++`` initialisations.
+        seed: Seed of the ``forgy`` initialisation.
 
     Yields:
         ``(point, metrics)`` in the order of ``points``; the weights are restored before each yield and

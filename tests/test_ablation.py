@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from helpers import ROOT, load_script
+
 import builders
-from helpers import load_script
 from parse_config import parse_config
+from teacher import teacher_command
 from trainer.callbacks.stages import plan_stages
 
 ablation = load_script("benchmarks/ablation")
@@ -38,7 +41,7 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
     assert beyond["trainer"]["callbacks"]["Distillation"]["teacher"].endswith(".json")
     assert "teacher" not in taught["trainer"]["callbacks"]["Distillation"]
     other = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range",
-                                       teacher=["/t/last.ckpt"])
+                                       teacher="/t/last.ckpt")
     assert other["trainer"]["callbacks"]["Distillation"]["teacher"] == "/t/last.ckpt"
     shipped = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range", True)
     assert shipped["trainer"]["callbacks"]["Quantization"]["bias_bits"] == \
@@ -72,60 +75,26 @@ def test_plan_lists_every_fit_once_in_table_order() -> None:
     assert [f["teacher"] for _, _, f in fits[:4]] == ["no", "no", "itself", "itself"]
 
 
-def test_feature_hints_get_a_row_of_their_own_after_the_taught_rows() -> None:
-    beyond, paper = ablation.read_recipe("lenet5", "beyond"), ablation.read_recipe("lenet5", "pipeline")
-    distill = beyond["trainer"]["callbacks"]["Distillation"]
-    distill.update(features=["conv2", "fc1"], feature_weight=0.5)
-    args = ablation.get_args_parser().parse_args(["--scales", "1.0"])
-    fits = ablation.plan_rows(args, beyond, paper, Path("/d/dense.ckpt"))
-    assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
-                                                 "+ feature hints", "+ shared biases"]
-    hints = [cfg["trainer"]["callbacks"].get("Distillation", {}).get("features") for _, cfg, _ in fits]
-    assert hints == [None, None, None, ["conv2", "fc1"], ["conv2", "fc1"]]  # only the hinted row and the shipped one
-    assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, False]
-    assert fits[3][1]["trainer"]["callbacks"]["Distillation"]["feature_weight"] == 0.5
-
-
-def test_block_pruning_gets_the_last_row_and_the_curve_point() -> None:
-    beyond, paper = ablation.read_recipe("lenet5", "beyond"), ablation.read_recipe("lenet5", "pipeline")
-    beyond["trainer"]["callbacks"]["IterativePruning"]["block"] = {"fc1": 4}
-    args = ablation.get_args_parser().parse_args(["--model", "lenet5", "--scales", "1.0,1.4"])
-    fits = ablation.plan_rows(args, beyond, paper, Path("/d/dense.ckpt"))
-    assert [tag for tag, _, _ in fits] == [
-        "lenet5_ablation_1", "lenet5_ablation_2", "lenet5_ablation_3", "lenet5_ablation_3_biases",
-        "lenet5_ablation_3_blocks", "lenet5_ablation_1_x1.4", "lenet5_ablation_3_x1.4", "lenet5_ablation_3_x1.4_blocks"]
-    blocks = [cfg["trainer"]["callbacks"]["IterativePruning"].get("block") for _, cfg, _ in fits]
-    assert blocks == [None] * 4 + [{"fc1": 4}] + [None] * 2 + [{"fc1": 4}]  # the rows before it prune weight by weight
-    assert [f.get("shipped", False) for _, _, f in fits] == [False] * 4 + [True] + [False] * 2 + [True]
-    row = {"recipe": "+ block pruning", "keep": {"conv2": 0.08, "fc1": 0.025}, "bits": {"fc1": 3}, "codec": "range",
-           "distill": True, "dcz_bytes": 15000, "rate": 115.0, "top1_err": 8.6, "block": {"fc1": 4}}
-    text = ablation.table("lenet5", 8.32, [row], "abc1234", "python benchmarks/ablation.py")
-    assert "| + block pruning | conv2 8% / fc1 2.5% in runs of 4 | fc1 3 | range |" in text
-
-
 def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Path) -> None:
     beyond, paper = ablation.read_recipe("lenet300", "beyond"), ablation.read_recipe("lenet300", "pipeline")
-    (tmp_path / "config.json").write_text('{"arch": {"type": "LeNet5"}}')  # the teacher's run folder
-    teacher = str(tmp_path / "last.ckpt")
-    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), [teacher])
+    (tmp_path / "config.json").write_text((ROOT / "configs" / "lenet5_fashionmnist.json").read_text())  # its run
+    teacher = tmp_path / "last.ckpt"
+    teacher.write_bytes(b"")  # its config is read from the run folder: the weights are never loaded here
+    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), str(teacher))
     assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
                                                  "+ LeNet5 teacher", "+ shared biases"]
     assert [f["teacher"] for _, _, f in fits] == ["no", "no", "itself", "LeNet5", "LeNet5"]
     assert [cfg["trainer"]["callbacks"].get("Distillation", {}).get("teacher") for _, cfg, _ in fits] == [
-        None, None, None, teacher, teacher]
+        None, None, None, str(teacher), str(teacher)]
     assert [f["last_taught"] for _, _, f in fits] == [False, False, False, True, False]  # recoded once, not twice
-    assert ablation.teacher_arch(tmp_path / "elsewhere" / "x.ckpt") == "another network"
-    fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"),
-                              ["self", teacher, teacher])  # an ensemble: the dense model and two LeNet-5s
-    assert fits[3][2]["recipe"] == "+ ensemble teacher (itself + LeNet5 + LeNet5)"
-    assert fits[4][2]["teacher"] == "itself + LeNet5 + LeNet5"
-    assert fits[4][1]["trainer"]["callbacks"]["Distillation"]["teacher"] == ["self", teacher, teacher]
+    assert ablation.teacher_arch(beyond, tmp_path / "elsewhere" / "x.ckpt") == "another network"
 
 
-def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
 
-    def fake_row(cfg, folder):  # noqa: ANN001, ANN202
+    def fake_row(cfg: dict, folder: Path) -> dict:
         seen.append((cfg["name"], folder))
         return {"rate": 2.0, "top1_err": 1.0, "name": cfg["name"]}
 
@@ -140,7 +109,8 @@ def test_parallel_fits_each_train_in_a_folder_of_their_own(tmp_path: Path, monke
     assert ablation.main(["--jobs", "0"]) == 2
 
 
-def test_reuse_takes_a_finished_fit_with_the_same_config_only(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_reuse_takes_a_finished_fit_with_the_same_config_only(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     beyond = ablation.read_recipe("lenet300", "beyond")
     cfg = ablation.compression_cycle(beyond, Path("/d/dense.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range")
     run = tmp_path / "row" / "20261202-000000"
@@ -156,19 +126,37 @@ def test_reuse_takes_a_finished_fit_with_the_same_config_only(tmp_path: Path, mo
     assert done["a"]["top1_err"] == 1.5 and done["b"]["top1_err"] == 9.0
 
 
-def test_teacher_checkpoints_given_must_match_the_recipes_members(tmp_path: Path) -> None:
-    import pytest
-
+def test_the_teacher_is_one_checkpoint_of_the_same_data_or_the_recipes_config_trained_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     beyond = ablation.read_recipe("lenet300", "beyond")
-    beyond["trainer"]["callbacks"]["Distillation"]["teacher"] = ["self", "configs/lenet5_fashionmnist.json"]
-    ckpt = tmp_path / "t.ckpt"
-    ckpt.write_bytes(b"")
 
-    def find(*given: str) -> list[str] | None:
-        return ablation.find_teacher(ablation.get_args_parser().parse_args(["--teacher", *given]), beyond, tmp_path)
+    def find(*argv: str) -> str | None:
+        return ablation.find_teacher(ablation.get_args_parser().parse_args(list(argv)), beyond, tmp_path)
 
-    assert find("self", str(ckpt)) == ["self", str(ckpt)]
-    with pytest.raises(ablation.ReproduceError, match="1 checkpoints for the recipe's 2 teachers"):
-        find(str(ckpt))
+    with pytest.raises(SystemExit):  # one teacher: ensembles were removed
+        ablation.get_args_parser().parse_args(["--teacher", "a.ckpt", "b.ckpt"])
     with pytest.raises(ablation.ReproduceError, match="no such checkpoint"):
-        find("self", str(tmp_path / "missing.ckpt"))
+        find("--teacher", str(tmp_path / "missing.ckpt"))
+    run = tmp_path / "cifar" / "run"  # a checkpoint of a network trained on other data
+    run.mkdir(parents=True)
+    (run / "config.json").write_text((ROOT / "configs" / "vgg16_cifar100.json").read_text())
+    (run / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ablation.ReproduceError, match="this run trains on FashionMNIST with 10 classes"):
+        find("--teacher", str(run / "last.ckpt"))
+    # the recipe's config, trained as train.py trains a teacher (teacher.teacher_command), into <save-dir>/teacher
+    calls = []
+
+    def fake_train(cmd: list[str], runs: Path, pattern: str, what: str) -> Path:
+        calls.append((cmd, pattern))
+        ckpt = runs / ablation.FOLDER / "lenet5" / "0" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.parent.joinpath("config.json").write_text((ROOT / "configs" / "lenet5_fashionmnist.json").read_text())
+        ckpt.write_bytes(b"")
+        return ckpt
+
+    monkeypatch.setattr(ablation, "trained_checkpoint", fake_train)
+    assert find() == str(tmp_path / "teacher" / "lenet5" / "0" / "last.ckpt")
+    named = beyond["trainer"]["callbacks"]["Distillation"]["teacher"]
+    assert calls == [(teacher_command(ROOT / named, tmp_path / "teacher"), "teacher/*/*/last.ckpt")]
+    del beyond["trainer"]["callbacks"]["Distillation"]["teacher"]
+    assert find() is None  # the dense model itself teaches: no other row

@@ -172,3 +172,17 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     assert cfg.trainer.accelerator == "auto"  # shipped configs must run on CPU and GPU alike
     callbacks = build_config_callbacks(cfg, build_model(cfg))  # layer names and epochs fit the model
     assert len(callbacks) == len(cfg.trainer.callbacks.items())
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.14.1"),
+                    reason="the reference lists torch's optimizer and scheduler signatures: generated with torch 2.14.1")
+def test_the_configuration_reference_is_generated_from_the_models_and_up_to_date() -> None:
+    import config_reference
+
+    text = config_reference.reference()
+    assert (ROOT / "docs" / "configuration.md").read_text() == text, "stale: run python config_reference.py --write"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 60 and all(line.split("|")[4].strip() for line in rows)  # every key says what it means
+    for key in ("trainer.callbacks.IterativePruning.keep_ratio", "trainer.callbacks.Quantization.bias_bits",
+                "export.codec", "trainer.gradient_clip_val"):
+        assert f"| `{key}` |" in text, key

@@ -120,7 +120,7 @@ def test_degenerate_round_trip(symbols: list[int]) -> None:
 
 @pytest.mark.parametrize("n_values", [32, 256])
 def test_coded_size_is_within_one_percent_of_entropy(n_values: int) -> None:
-    symbols = gaussian_symbols(2_000_000, n_values)  # the DESIGN.md target: 2M symbols, 32 or 256 values
+    symbols = gaussian_symbols(2_000_000, n_values)  # the target of docs/architecture.md: 2M symbols, 32 or 256 values
     counts = np.bincount(symbols)
     bound = entropy_bits(counts)
     stream = encode(symbols, n_values)

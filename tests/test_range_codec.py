@@ -5,6 +5,7 @@ and corrupt streams rejected with our own message."""
 from __future__ import annotations
 
 import hashlib
+from importlib.metadata import version
 import json
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,10 @@ def test_symbol_streams_round_trip(alphabet: int, symbols: np.ndarray) -> None:
 
 
 def test_streams_are_stable_across_versions() -> None:
-    # range-v1 is a file format: the same input must give these bytes with every constriction release we
-    # accept (requirements.txt). If this fails, the coder changed: that needs a new codec tag, not a new digest.
+    # range-v1 is a file format: the same input must give these bytes. requirements.txt pins the constriction
+    # release they were made with; before allowing another, run this test with it: if it fails, the coder changed,
+    # and that needs a new codec tag, not a new digest.
+    assert version("constriction") == "0.5.0", "GOLDEN was made with constriction 0.5.0 (requirements.txt)"
     rng = np.random.default_rng(7)
     mask = clustered((30, 200), seed=7)
     symbols = rng.integers(0, 16, int(mask.sum()))

@@ -8,34 +8,23 @@ error is what ``test.py`` measures on the file (plus an offset, to provoke the m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from helpers import ROOT, compress_like_the_paper, load_script, tiny_config
 
 import utils
+from builders import file_metadata
 from models import MODELS
-from trainer.export import file_metadata, save_compressed
+from parse_config import parse_config
+from trainer.export import save_compressed
 
 test_script = load_script("test")
 REQUIRED = {"model", "dataset", "recipe", "dense_top1_err", "top1_err", "dcz_bytes", "dense_bytes", "rate",
             "wall_s", "commit"}
-
-
-def load_reproduce() -> Any:
-    spec = importlib.util.spec_from_file_location("dc_benchmark_reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = load_reproduce()
+reproduce = load_script("benchmarks/reproduce")
 
 
 def dcz_top1_err(dcz: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> float:
@@ -54,7 +43,7 @@ def fake_run(folder: Path, idx_dir: Path, arch: str, recipe: str, capsys: pytest
     (folder / "config.json").write_text(json.dumps(cfg))  # where the run's data is (the .dcz never says)
     with torch.no_grad():
         report = save_compressed(model, folder / "model.dcz", arch={"type": arch, "args": {}}, index_bits="auto",
-                                 metadata=file_metadata(cfg), **compress_like_the_paper(model, 0.1, 4))
+                                 metadata=file_metadata(parse_config(cfg)), **compress_like_the_paper(model, 0.1, 4))
     (folder / "compression_report.json").write_text(json.dumps(report))
     f, t = report["file"], report["paper_total"]
     summary = {"model": arch, "dataset": "FashionMNIST", "recipe": recipe, "dense_top1_err": 12.5,

@@ -207,7 +207,7 @@ def test_each_point_changes_only_its_layer() -> None:
             assert len(torch.unique(weight[weight != 0])) <= 2 ** point.value
         return {"top1_err": 0.0, "top5_err": 0.0, "loss": 0.0}
 
-    points = sweep_points(layers, ("prune", "quantize"), [0.25], [1, 3], ["linear", "kmeans++"])
+    points = sweep_points(layers, ("prune", "quantize"), [0.25], [1, 3], ["linear", "forgy"])
     assert len(list(run_sweeps(layers, points, evaluate))) == len(points) == 10 and seen == points
     seen.clear()
     sweep = run_sweeps(layers, points, evaluate)
@@ -245,7 +245,7 @@ def test_value_lists_and_ranges() -> None:
     (["--bits", "8:1"], "inverted range"),
     (["--bits", "0,4"], "bits must be in 1..16, got [0]"),
     (["--bits", "17"], "bits must be in 1..16, got [17]"),
-    (["--inits", "linear,kmeans"], "valid inits: linear, density, forgy, kmeans++"),
+    (["--inits", "linear,kmeans"], "valid inits: linear, density, forgy"),
     (["--check"], "pass --budget too"),
     (["--budget", "-1"], "--budget must be >= 0"),
     (["--set", "data_loader.args.data_dir=/nonexistent/data"], "FashionMNIST not found"),

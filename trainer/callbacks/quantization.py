@@ -46,12 +46,12 @@ class QuantizationArgs(StrictArgs):
     @classmethod
     def _null_is_default(cls, bits: Any) -> Any:
         return dict(DEFAULT_BITS) if bits is None else bits  # older configs wrote "bits": null for the default
-    init: str = "linear"  # centroid initialisation: linear (the paper's best), density, forgy, kmeans++
+    init: str = "linear"  # centroid initialisation: linear (the paper's best), density, forgy
     epoch: int = 0  # epoch (0-based) at whose start the layers are clustered
     lr: float | None = None  # learning rate of the codebooks (None: the optimizer's); no weight decay on them
     layers: list[str] | None = None  # layer names or types to quantize (default: those of bits)
     bias_bits: int | None = None  # share the selected layers' biases too (those of > 4 * 2**bias_bits entries)
-    seed: int = 0  # seed of forgy / kmeans++ (k-means is deterministic, so every DDP rank agrees)
+    seed: int = 0  # seed of forgy (k-means is deterministic, so every DDP rank agrees)
     max_iter: int = MAX_ITER  # Lloyd iterations at most
 
     @field_validator("bias_bits")
