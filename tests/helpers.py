@@ -281,13 +281,14 @@ def fix_crcs(path: Path, digest: bool = True) -> None:
 
 # --------------------------------------------------------------------------- exact resume
 def whole_and_cut_runs(tmp_path: Path, idx_dir: Path, monkeypatch: Any, callbacks: dict[str, Any], max_epochs: int,
-                       stop_after: int) -> tuple[Path, Path]:
-    """Trains the tiny config with ``callbacks`` for ``max_epochs`` in one go ("whole"), and again killed after
-    epoch ``stop_after`` as a job would be ("cut", not resumed yet); returns both run folders."""
+                       stop_after: int, whole_callbacks: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Trains the tiny config with ``callbacks`` (or ``whole_callbacks``, meant to be equivalent) for ``max_epochs``
+    in one go ("whole"), and again with ``callbacks``, killed after epoch ``stop_after`` as a job would be ("cut",
+    not resumed yet); returns both run folders."""
     import builders
     import train
 
-    whole = write_config(tmp_path, idx_dir, "whole", callbacks, max_epochs=max_epochs)
+    whole = write_config(tmp_path, idx_dir, "whole", whole_callbacks or callbacks, max_epochs=max_epochs)
     assert train.main(["-c", str(whole)]) == 0
     cut = write_config(tmp_path, idx_dir, "cut", callbacks, max_epochs=max_epochs)
     original = builders.build_callbacks

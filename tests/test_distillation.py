@@ -125,12 +125,16 @@ def test_another_network_teaches_and_a_resume_keeps_it(tmp_path: Path, idx_dir: 
 
 def test_a_teacher_config_is_trained_first_and_once(tmp_path: Path, idx_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    config, _ = lenet5_teacher(tmp_path, idx_dir)
+    config, ckpt = lenet5_teacher(tmp_path, idx_dir)  # the config, and the network train.py makes of it
     callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "teacher": str(config)}}
-    # killed after epoch 0, before the teacher (epoch 1) was taken: the resume must find the trained one
-    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=3, stop_after=0)
+    # killed after epoch 0, before the teacher (epoch 1) was taken: the resume must find the trained one. The whole
+    # run is taught by the checkpoint: training the config in a process of its own gives that same network.
+    whole_callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "teacher": str(ckpt)}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=3, stop_after=0,
+                                    whole_callbacks=whole_callbacks)
     (trained,) = (run / "teacher").glob("*/*/last.ckpt")  # its own folder inside the run
     assert (run / "teacher" / "teacher.ckpt").read_bytes() == trained.read_bytes()
+    assert all(torch.equal(v, network_state(load_ckpt(ckpt))[k]) for k, v in network_state(load_ckpt(trained)).items())
     assert not any("Distillation" in k for k in load_ckpt(run / "last.ckpt")["callbacks"])  # not taken yet
     assert_resume_equals_whole(whole, run)
     assert len(list((run / "teacher").glob("*/*"))) == 1  # nothing trained again
