@@ -30,6 +30,7 @@ from parse_config import (Config, ConfigError, add_override_args, load_config, m
 from teacher import train_teacher
 from trainer.callbacks import Distillation
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
+from trainer.compression_state import MASKS_KEY
 from trainer.export import read_compressed
 from trainer.lit_model import TrainingDivergedError, load_weights
 from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
@@ -162,7 +163,7 @@ def checkpoint_error(cfg: Config, path: Path, dense_only: bool = False) -> float
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
-    if dense_only and ckpt.get("masks"):
+    if dense_only and ckpt.get(MASKS_KEY):  # a pruned model
         return None
     model = build_model(cfg)
     load_weights(model, ckpt, path)

@@ -13,7 +13,7 @@ from torch import nn
 
 # The layer types Deep Compression prunes and quantizes, by the names configs use: the one definition.
 PRUNABLE_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
-LayerType = Literal["Linear", "Conv2d"]  # the same names, for type hints and config schemas
+LayerType = Literal[tuple(PRUNABLE_TYPES)]  # type: ignore[valid-type]  # the same names, for config schemas
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
