@@ -193,10 +193,25 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
         callbacks = build_callbacks(cfg, run_dir)
     kwargs.update(overrides)
     callbacks += kwargs.pop("callbacks", [])
+    _check_checkpoint_callbacks(callbacks)
     try:
         return pl.Trainer(callbacks=callbacks, **kwargs)
     except (ValueError, TypeError, ImportError, MisconfigurationException) as err:  # e.g. an accelerator missing here
         raise ConfigError(f"trainer: {err}") from None
+
+
+def _check_checkpoint_callbacks(callbacks: list[Callback]) -> None:
+    """A ``ModelCheckpoint`` of ``trainer.callbacks`` that would save the state of one of the run's own (Lightning
+    keeps one state per monitor, mode and interval) is refused before the run starts, not at the first save.
+
+    Raises:
+        ConfigError: naming the clash and what to change.
+    """
+    keys = [c.state_key for c in callbacks if isinstance(c, ModelCheckpoint)]
+    if len(set(keys)) < len(keys):
+        raise ConfigError("trainer.callbacks.ModelCheckpoint: it saves on the same monitor, mode and interval as the "
+                          "run's own best.ckpt (trainer.monitor) or last.ckpt (every epoch); give it another "
+                          "monitor, mode or every_n_epochs, or drop it")
 
 
 def make_evaluator(cfg: Config, model: nn.Module, split: str, limit_batches: int | float | None = None,

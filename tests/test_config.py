@@ -188,3 +188,15 @@ def test_the_configuration_reference_is_generated_from_the_models_and_up_to_date
     for key in ("trainer.callbacks.IterativePruning.keep_ratio", "trainer.callbacks.Quantization.bias_bits",
                 "export.codec", "trainer.gradient_clip_val"):
         assert f"| `{key}` |" in text, key
+
+
+def test_a_model_checkpoint_beside_ours_is_refused_when_it_would_clash_and_works_otherwise(tmp_path: Path,
+                                                                                          idx_dir: Path) -> None:
+    train = load_script("train")
+    for name, args, code in (("same", {}, 2), ("other", {"monitor": "val/loss", "filename": "by_loss"}, 0)):
+        cfg = tiny_config(idx_dir, tmp_path / name, max_epochs=1)
+        cfg["trainer"]["callbacks"] = {"ModelCheckpoint": args}
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        assert train.main(["-c", str(tmp_path / f"{name}.json")]) == code
+    assert not list((tmp_path / "same").rglob("config.json"))  # refused before anything ran: no run folder left
+    assert list((tmp_path / "other").rglob("by_loss.ckpt"))
