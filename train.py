@@ -32,7 +32,7 @@ from trainer.callbacks import Distillation
 from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.compression_state import MASKS_KEY
 from trainer.export import read_compressed
-from trainer.lit_model import TrainingDivergedError, load_weights
+from trainer.lit_model import TrainingDivergedError, check_checkpoint, load_weights
 from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, TrainingDivergedError)
@@ -90,6 +90,7 @@ def train(args: argparse.Namespace) -> int:
     start_epoch = 0
     if args.resume:  # codebooks must exist before the optimizer is rebuilt and its state restored
         ckpt = load_checkpoint(args.resume)
+        check_checkpoint(ckpt, args.resume)
         lit_model.load_compression(ckpt)
         start_epoch = int(ckpt.get("epoch", 0))  # (the epoch it was saved in: conservative by one)
     callbacks = build_config_callbacks(cfg, lit_model.model, quantized=lit_model.compression.index,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-import re
+import pickletools
 import subprocess
 import zipfile
 from pathlib import Path
@@ -20,23 +20,41 @@ class CheckpointError(ValueError):
 # torch writes checkpoint archives uncompressed (ZIP_STORED): what they unpack to is what is on disk. An
 # archive whose entries inflate far beyond its size is crafted; it is refused before torch.load reads it.
 MAX_INFLATE_BYTES = 64 << 20  # slack over the file's own size (zip directory, alignment padding)
+_CHUNK = 16 << 20  # bytes read at a time while checking a member's CRC
 
 
 def _check_archive(path: Path) -> None:
-    """Refuses a zip whose entries would unpack to much more than the file holds (a "zip bomb")."""
+    """Verifies the zip before torch reads it, whose own reader checks no CRC: every member stored uncompressed
+    (as torch writes them), the whole within the file's size, and each member's bytes matching its CRC-32.
+
+    Raises:
+        CheckpointError: naming the member that fails.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            unpacked = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
-    limit = path.stat().st_size + MAX_INFLATE_BYTES
-    if unpacked > limit:
-        raise CheckpointError(f"{path} would unpack to {unpacked:,} bytes from {path.stat().st_size:,} on disk "
-                              f"(more than {limit:,}): not a checkpoint torch wrote; refused before loading")
+            members = archive.infolist()
+            limit, unpacked = path.stat().st_size + MAX_INFLATE_BYTES, sum(info.file_size for info in members)
+            if unpacked > limit:
+                raise CheckpointError(f"{path} would unpack to {unpacked:,} bytes from {path.stat().st_size:,} on "
+                                      f"disk (more than {limit:,}): not a checkpoint torch wrote; refused unread")
+            for info in members:
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                    raise CheckpointError(f"{path}: member {info.filename} is compressed or declares "
+                                          f"{info.compress_size:,} bytes stored for {info.file_size:,}: not a "
+                                          f"checkpoint torch wrote; refused")
+                with archive.open(info) as member:  # raises BadZipFile on a CRC or size mismatch
+                    while member.read(_CHUNK):
+                        pass
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is corrupt (its bytes do not match the archive's checksums: {err}); "
+                              f"use another checkpoint, e.g. the run's best.ckpt or an earlier copy") from None
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
-    """Cheap checks before loading: the file exists, is a zip archive, and unpacks to about its size.
+    """Checks before loading: the file exists, is a zip archive that unpacks to about its size, and every member
+    matches its CRC-32 (``_check_archive``).
 
     Raises:
         CheckpointError: naming the file and what is wrong with it.
@@ -64,17 +82,36 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
         text = str(err).strip()
-        blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if blocked:  # a pickle that would import and call something: name it
-            raise CheckpointError(f"{path} was refused: it asks to load the Python object {blocked.group(1)}, "
-                                  f"which weights_only=True blocks (a checkpoint of ours holds tensors and "
-                                  f"plain values only)") from None
+        if isinstance(err, pickle.UnpicklingError):  # a pickle that would import and call something: name it
+            raise CheckpointError(f"{path} was refused: {_pickle_globals(path)}, which weights_only=True blocks "
+                                  f"(a checkpoint of ours holds tensors and plain values only)") from None
         first = text.splitlines()[0][:200] if text else type(err).__name__
         raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no 'state_dict' inside)")
     _check_entries(path, ckpt)
     return ckpt
+
+
+def _pickle_globals(path: Path) -> str:
+    """What a refused checkpoint's pickle asks for, read without running it (``pickletools`` only parses)."""
+    names, strings = [], []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except (StopIteration, ValueError, zipfile.BadZipFile, OSError):
+        return "its pickle cannot be read"
+    foreign = [n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections.OrderedDict"))]
+    if foreign:
+        return f"it asks to load the Python object{'s' if len(foreign) > 1 else ''} {', '.join(foreign[:5])}"
+    return "its pickle uses instructions outside what a checkpoint needs"
 
 
 def _check_entries(path: Path, ckpt: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from compression.model_file import save_compressed as _save_compressed
 from compression.report import to_markdown
 from models import MODELS
 from trainer.compression_state import CompressionState
-from trainer.lit_model import network_state
+from trainer.lit_model import check_checkpoint, network_state
 from utils import load_checkpoint
 
 __all__ = ["encode_checkpoint", "is_compressed_file", "load_compressed", "read_compressed", "save_compressed"]
@@ -78,6 +78,7 @@ def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, arch: Mappi
     arch = {"type": arch["type"], "args": dict(arch["args"])}
     if arch["type"] not in MODELS:
         raise ValueError(f"{ckpt_path}: unknown architecture {arch['type']!r}")
+    check_checkpoint(ckpt, ckpt_path)
     ckpt.pop("optimizer_states", None)  # momentum etc.: as large as the weights, and not part of the file
     with torch.device("meta"):  # no random init of weights about to be replaced, no second copy of them
         model = MODELS[arch["type"]](**arch["args"])

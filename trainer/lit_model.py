@@ -66,8 +66,23 @@ def network_state(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
+def check_checkpoint(ckpt: Mapping[str, Any], path: str | Path) -> None:
+    """A loaded checkpoint's network and compression state agree (``CompressionState.check``).
+
+    Raises:
+        CheckpointError: naming the file and the tensor.
+    """
+    try:
+        CompressionState.check(ckpt, network_state(ckpt))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is inconsistent: {err}; use another checkpoint (e.g. the run's "
+                              f"best.ckpt or pruned.ckpt)") from None
+
+
 def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match)."""
+    """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match), after
+    ``check_checkpoint``."""
+    check_checkpoint(ckpt, path)
     try:
         result = model.load_state_dict(network_state(ckpt), strict=False)
     except RuntimeError as err:  # shape mismatch

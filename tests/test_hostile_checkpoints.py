@@ -1,0 +1,147 @@
+"""Damaged and inconsistent checkpoints: every entry point refuses them with one message (exit 2), never loads
+other weights silently. torch's zip reader checks no CRC, so ``utils.load_checkpoint`` verifies the archive and
+``trainer.lit_model.check_checkpoint`` the compression state, wherever a checkpoint is loaded."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from helpers import compress_like_the_paper, load_script, tiny_config
+from models import LeNet300
+from parse_config import parse_config
+from trainer.compression_state import INDEX_KEY, MASKS_KEY, codebook_key
+from trainer.lit_model import check_checkpoint
+from utils import CheckpointError, load_checkpoint
+
+
+def good_checkpoint(path: Path, idx_dir: Path) -> dict[str, Any]:
+    """What train.py writes after a pruned + quantized fit (config, weights, masks, codebooks, indices), small."""
+    torch.manual_seed(0)
+    model = LeNet300()
+    state = compress_like_the_paper(model, 0.1, 3)
+    ckpt = {"config": parse_config(tiny_config(idx_dir, path.parent / "runs")).model_dump(), "epoch": 1,
+            "global_step": 8,
+            "state_dict": {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                           **{codebook_key(k): v.float() for k, v in state["codebooks"].items()}},
+            MASKS_KEY: state["masks"], INDEX_KEY: state["indices"]}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def load_checked(path: Path) -> dict[str, Any]:
+    """What every entry point runs on a checkpoint before using a tensor of it."""
+    ckpt = load_checkpoint(path)
+    check_checkpoint(ckpt, path)
+    return ckpt
+
+
+def data_span(data: bytes, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """Where a stored member's bytes are in the file."""
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    return start, start + info.compress_size
+
+
+def test_byte_flips_and_member_edits_are_refused_or_load_identically(tmp_path: Path, idx_dir: Path) -> None:
+    original = good_checkpoint(tmp_path / "good.ckpt", idx_dir)
+    data = (tmp_path / "good.ckpt").read_bytes()
+    members = zipfile.ZipFile(tmp_path / "good.ckpt").infolist()
+    central = data.rindex(b"PK\x01\x02", 0, data.rindex(b"PK\x05\x06"))  # (the last central-directory record)
+    rng, outcomes = random.Random(0), {"refused": 0, "identical": 0}
+    for case in range(400):
+        bad = bytearray(data)
+        kind = case % 4
+        if kind == 0:  # bytes flipped anywhere
+            for _ in range(rng.randint(1, 3)):
+                bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+        elif kind == 1:  # a member's bytes changed, its CRC not (what torch alone would load)
+            start, stop = data_span(data, rng.choice(members))
+            if stop > start:
+                bad[rng.randrange(start, stop)] ^= 0xFF
+        elif kind == 2:  # truncated
+            bad = bad[:rng.randrange(len(bad))]
+        else:  # a directory that lies about a member's size (the last one's, in the central directory)
+            struct.pack_into("<I", bad, central + 20 + 4 * rng.randrange(2), rng.randrange(1 << 20))
+        path = tmp_path / "bad.ckpt"
+        path.write_bytes(bytes(bad))
+        try:
+            loaded = load_checked(path)
+        except CheckpointError:
+            outcomes["refused"] += 1
+            continue
+        for key, value in original["state_dict"].items():  # loaded: then exactly what was saved
+            assert torch.equal(loaded["state_dict"][key], value), (case, key)
+        outcomes["identical"] += 1
+    assert outcomes["refused"] >= 350, outcomes
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c["masks"].update({"fc1.weight": c["masks"]["fc1.weight"][:, :10]}),
+     r"the mask of fc1\.weight is torch\.bool \(300, 10\): the weight's \(300, 784\)"),
+    (lambda c: c["quant_index"]["fc2.weight"].add_(100),
+     r"the quantization index of fc2\.weight runs outside its codebook of \d+ values"),
+    (lambda c: c["quant_index"].update({"fc3.weight": c["quant_index"]["fc3.weight"][1:]}),
+     r"the quantization index of fc3\.weight \(\(\d+,\), torch\.int64\) does not match its mask"),
+    (lambda c: c["state_dict"]["model.fc1.bias"].__setitem__(0, float("nan")), r"model|fc1\.bias holds NaN"),
+    (lambda c: c["state_dict"]["model.fc1.weight"].__setitem__((0, 0), 5.0),
+     r"fc1\.weight (has non-zero weights where its mask prunes them|is not its codebook's values)"),
+])
+def test_inconsistent_compression_state_is_refused_naming_the_tensor(tmp_path: Path, idx_dir: Path, edit: Any,
+                                                                     match: str) -> None:
+    ckpt = good_checkpoint(tmp_path / "good.ckpt", idx_dir)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=f"bad.ckpt is inconsistent: {match}"):
+        load_checked(tmp_path / "bad.ckpt")
+
+
+def test_every_entry_point_refuses_a_damaged_checkpoint(tmp_path: Path, idx_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    good_checkpoint(tmp_path / "good.ckpt", idx_dir)
+    data = bytearray((tmp_path / "good.ckpt").read_bytes())
+    info = next(i for i in zipfile.ZipFile(tmp_path / "good.ckpt").infolist() if i.file_size > 10_000)
+    start, _ = data_span(bytes(data), info)
+    data[start + 100] ^= 0x40  # one bit of a weight: torch alone loads it as another number
+    bad = tmp_path / "run" / "bad.ckpt"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(data))
+    inconsistent = good_checkpoint(tmp_path / "run" / "inconsistent.ckpt", idx_dir)
+    inconsistent["quant_index"]["fc1.weight"].add_(64)
+    torch.save(inconsistent, tmp_path / "run" / "inconsistent.ckpt")
+    teacher = tiny_config(idx_dir, tmp_path / "runs")
+    teacher["trainer"]["callbacks"] = {"Distillation": {"teacher": str(bad)}}
+    (tmp_path / "taught.json").write_text(json.dumps(teacher))
+    (tmp_path / "plain.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / "runs")))
+    scripts = {name: load_script(name) for name in ("train", "test", "sensitivity", "dcz")}
+    for path, word in ((bad, "corrupt"), (tmp_path / "run" / "inconsistent.ckpt", "inconsistent")):
+        calls = [("test", ["-r", str(path)]), ("train", ["-r", str(path)]),
+                 ("train", ["-c", str(tmp_path / "plain.json"), "--weights", str(path)]),
+                 ("sensitivity", ["-r", str(path)]), ("dcz", ["encode", str(path)])]
+        if path == bad:
+            calls.append(("train", ["-c", str(tmp_path / "taught.json")]))
+        for script, argv in calls:
+            capsys.readouterr()
+            assert scripts[script].main(argv) == 2, (script, argv)
+            err = capsys.readouterr().err
+            last = err.strip().splitlines()[-1]  # (after the log lines, e.g. where the data is read from)
+            assert last.startswith("error: ") and word in last and "Traceback" not in err, (script, argv, err)
+    assert not (tmp_path / "run" / "model.dcz").exists()  # nothing written from a refused checkpoint
+
+
+def test_a_compressed_member_is_refused_whatever_its_directory_declares(tmp_path: Path, idx_dir: Path) -> None:
+    # torch writes every member stored; a deflated one can declare any size and inflate to another.
+    good_checkpoint(tmp_path / "good.ckpt", idx_dir)
+    source = zipfile.ZipFile(tmp_path / "good.ckpt")
+    with zipfile.ZipFile(tmp_path / "deflated.ckpt", "w") as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"member good/data\.pkl is compressed or declares [\d,]+ bytes stored"):
+        load_checkpoint(tmp_path / "deflated.ckpt")
