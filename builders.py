@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar,
                                          TQDMProgressBar)
@@ -67,6 +69,34 @@ def build_lit_model(cfg: Config, load_pretrained: bool = True) -> LitClassifier:
         load_weights(model, ckpt, cfg.pretrained)
         lit_model.load_compression(ckpt, resume=False)  # a new run: its own recipe sizes unused codebooks
     return lit_model
+
+
+def check_model_and_machine(cfg: Config) -> None:
+    """What only a run would find out, found before its folder exists: the network takes the data's inputs (a
+    forward pass on the meta device: shapes, no memory) and gives one output per class; the CPU can hold as many
+    processes as ``trainer.devices`` asks for (more would wait forever for the process group to form).
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    shape = DATAMODULES[cfg.data_loader.type].input_shape  # one sample, (C, H, W)
+    try:
+        with torch.device("meta"):
+            out = build_model(cfg)(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ConfigError(f"arch.args: {cfg.arch.type} {cfg.arch.args} does not take {cfg.data_loader.type}'s "
+                          f"inputs of shape {tuple(shape)} ({str(err).splitlines()[0][:120]}); drop the argument "
+                          f"or set it to fit the data") from None
+    if tuple(out.shape) != (2, cfg.arch.args["num_classes"]):
+        raise ConfigError(f"arch.args: {cfg.arch.type} gives outputs of shape {tuple(out.shape[1:])} for "
+                          f"{cfg.arch.args['num_classes']} classes")
+    tc = cfg.trainer
+    on_cpu = tc.accelerator == "cpu" or (tc.accelerator == "auto" and not torch.cuda.is_available())
+    count = tc.devices if isinstance(tc.devices, int) else len(tc.devices) if isinstance(tc.devices, list) else (
+        int(tc.devices) if str(tc.devices).isdigit() else 1)
+    if on_cpu and count > (os.cpu_count() or 1):
+        raise ConfigError(f"trainer.devices: {count} processes on the CPU, but this machine has {os.cpu_count()} "
+                          f"cores; use at most that many (or a machine with accelerators)")
 
 
 def load_trained_model(ckpt_path: str | Path, config_path: str | Path | None,

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from builders import (build_config_callbacks, build_datamodule, build_lit_model, build_model, build_trainer,
-                      encode_run_checkpoint, make_evaluator, pipeline_stages)
-from compression.atomic import atomic_write_text
+                      check_model_and_machine, encode_run_checkpoint, make_evaluator, pipeline_stages)
+from compression.atomic import atomic_write_text, remove_stale_temporaries
 from data import DataNotFoundError
 from logger import get_logger, setup_logging
 from parse_config import (Config, ConfigError, add_override_args, load_config, make_run_dir,
@@ -60,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:
             raise
+        last = Path(getattr(args, "run_dir", "")) / "last.ckpt"
+        then = f"resume with -r {last}" if last.is_file() else "start the run again (it has no checkpoint yet)"
         print(f"error: cannot write {err.filename or 'the run files'}: {err.strerror}; every file already written "
-              f"is complete (atomic writes): free space or fix the folder's permissions, then resume with "
-              f"-r RUN/last.ckpt", file=sys.stderr)
+              f"is complete (atomic writes): free space or fix the folder's permissions, then {then}", file=sys.stderr)
+        return 2
+    except torch.distributed.DistError as err:  # e.g. the store's timeout: a process group that never formed
+        print(f"error: the processes of this run did not all join (trainer.devices x trainer.num_nodes of them; "
+              f"{str(err).splitlines()[0][:200]}): check the device counts and the launcher, then start again",
+              file=sys.stderr)
         return 2
 
 
@@ -82,6 +88,7 @@ def train(args: argparse.Namespace) -> int:
     # Everything that can reject the config happens before the run folder exists (the Trainer, which needs
     # the folder's path, removes it again if it refuses). A resumed run takes every weight from its
     # checkpoint, so `pretrained` is not loaded again.
+    check_model_and_machine(cfg)
     datamodule = build_datamodule(cfg)
     if not os.environ.get("DC_RUN_DIR"):  # the launching process (DDP workers find the data in place)
         datamodule.prepare_data()  # download if asked: missing data fails here, not inside the fit
@@ -95,7 +102,9 @@ def train(args: argparse.Namespace) -> int:
         start_epoch = int(ckpt.get("epoch", 0))  # (the epoch it was saved in: conservative by one)
     callbacks = build_config_callbacks(cfg, lit_model.model, quantized=lit_model.compression.index,
                                        start_epoch=start_epoch)
-    run_dir = Path(args.resume).parent if args.resume else make_run_dir(cfg)
+    run_dir = args.run_dir = Path(args.resume).parent if args.resume else make_run_dir(cfg)
+    if args.resume and not os.environ.get("DC_RUN_DIR"):
+        remove_stale_temporaries(run_dir)  # what a killed write left behind (once, not by every DDP worker)
     stages = pipeline_stages(cfg, callbacks, run_dir)
     callbacks += [stages] if stages else []
     try:  # the Trainer checks accelerator, devices, strategy and precision

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -37,6 +38,21 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.remove(tmp)
         raise
     fsync_folder(folder)
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # the names atomic_open gives its temporary files
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Removes the temporary files a killed ``atomic_open`` left in ``folder`` (a ``kill -9`` runs no cleanup);
+    call it only where no write of ours is under way. Returns the names removed."""
+    removed = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and _TEMPORARY.match(entry.name):
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

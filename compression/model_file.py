@@ -291,8 +291,10 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     rows = []
     for entry in header["tensors"]:
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
-                or not isinstance(entry.get("kept", 0), int) or not isinstance(entry.get("entries", 0), int):
+        # Counts as a file of ours can hold them: a count past MAX_PARAMETERS (or one no float can hold) is corrupt.
+        counts = [*(shape if isinstance(shape, list) else [None]), entry.get("kept", 0), entry.get("entries", 0)]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_PARAMETERS for d in counts) \
+                or math.prod(shape) > MAX_PARAMETERS:
             raise CompressedFileError(f"{path}: malformed tensor entry in the header: {str(entry)[:100]}")
         name, encoding = str(entry.get("name")), entry.get("encoding")
         numel = math.prod(entry.get("shape") or [0])

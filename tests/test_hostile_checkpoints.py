@@ -145,3 +145,74 @@ def test_a_compressed_member_is_refused_whatever_its_directory_declares(tmp_path
             out.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
     with pytest.raises(CheckpointError, match=r"member good/data\.pkl is compressed or declares [\d,]+ bytes stored"):
         load_checkpoint(tmp_path / "deflated.ckpt")
+
+
+def test_what_only_a_run_would_find_is_refused_before_its_folder_exists(tmp_path: Path, idx_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    train = load_script("train")
+    for override, message in (("trainer.devices=99", "trainer.devices: 99 processes on the CPU, but this machine"),
+                              ("arch.args.in_features=5", "arch.args: LeNet300 {'in_features': 5, 'num_classes': 10} "
+                                                          "does not take FashionMNIST's inputs of shape (1, 28, 28)")):
+        if override.startswith("trainer.devices") and torch.cuda.is_available():
+            continue  # (on a machine with GPUs Lightning itself refuses devices it does not have)
+        (tmp_path / "c.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / "runs")))
+        assert train.main(["-c", str(tmp_path / "c.json"), "--set", override]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "runs").exists()  # no run folder left behind
+
+
+def test_a_full_disk_inside_torch_save_is_one_message_naming_what_to_do(tmp_path: Path, idx_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import trainer.checkpoint_io as checkpoint_io
+
+    train = load_script("train")
+    (tmp_path / "c.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / "runs", max_epochs=2)))
+    saves = []
+
+    def failing_save(obj: Any, f: Any) -> None:  # what torch's writer raises when the disk fills mid-write
+        saves.append(1)
+        if len(saves) > allowed:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4032")
+        torch.serialization.save(obj, f)
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", failing_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 10))
+    for allowed, then in ((0, "start the run again (it has no checkpoint yet)"), (2, "resume with -r ")):
+        saves.clear()
+        assert train.main(["-c", str(tmp_path / "c.json")]) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err or "no space left on the device" in err, err
+        assert then in err and "Traceback" not in err, err
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert f"resume with -r {last}" in err and load_checkpoint(last)["epoch"] >= 0  # what is there is complete
+    assert not list((tmp_path / "runs").rglob("*.tmp"))
+
+
+def test_resuming_removes_the_temporaries_a_killed_write_left(tmp_path: Path, idx_dir: Path) -> None:
+    train = load_script("train")
+    (tmp_path / "c.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / "runs", max_epochs=1)))
+    assert train.main(["-c", str(tmp_path / "c.json")]) == 0
+    (run,) = (tmp_path / "runs").glob("*/*")
+    stale = run / f".last.ckpt.{'ab' * 16}.tmp"  # what atomic_open names them; a kill -9 leaves one
+    stale.write_bytes(b"half a checkpoint")
+    (run / ".notes.tmp").write_text("not ours")
+    assert train.main(["-r", str(run / "last.ckpt"), "--set", "trainer.max_epochs=2"]) == 0
+    assert not stale.exists() and (run / ".notes.tmp").exists()
+
+
+def test_dcz_info_on_a_header_count_no_float_can_hold_is_one_error(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import rewrite_header
+    from trainer.export import save_compressed
+
+    dcz = load_script("dcz")
+    torch.manual_seed(0)
+    model = LeNet300()
+    save_compressed(model, tmp_path / "m.dcz", arch={"type": "LeNet300", "args": {}},
+                    **compress_like_the_paper(model, 0.1, 4))
+    rewrite_header(tmp_path / "m.dcz", lambda h: h["tensors"][0].update(kept=10 ** 400))
+    assert dcz.main(["info", str(tmp_path / "m.dcz")]) == 2
+    assert "malformed tensor entry in the header" in capsys.readouterr().err

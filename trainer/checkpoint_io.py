@@ -9,7 +9,9 @@ Here the bytes go to a temporary file beside the target, are fsynced and renamed
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -19,6 +21,9 @@ from typing_extensions import override
 from compression.atomic import atomic_open
 
 
+LOW_SPACE = 64 << 20  # below this, a write torch.save could not finish is taken for a full disk
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose saves are atomic (local paths)."""
 
@@ -26,6 +31,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported by {type(self).__name__}")
-        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        with atomic_open(path) as f:
-            torch.save(checkpoint, f)
+        folder = os.path.dirname(os.fspath(path)) or "."
+        os.makedirs(folder, exist_ok=True)
+        try:
+            with atomic_open(path) as f:
+                torch.save(checkpoint, f)
+        except RuntimeError as err:  # torch's writer reports a failed write as "[enforce fail ...] unexpected pos"
+            if shutil.disk_usage(folder).free > LOW_SPACE:
+                raise
+            raise OSError(errno.ENOSPC, "no space left on the device", os.fspath(path)) from None
+
