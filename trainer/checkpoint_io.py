@@ -36,7 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_open(path) as f:
                 torch.save(checkpoint, f)
-        except RuntimeError as err:  # torch's writer reports a failed write as "[enforce fail ...] unexpected pos"
+        except RuntimeError:  # torch's writer reports a failed write as "[enforce fail ...] unexpected pos"
             if shutil.disk_usage(folder).free > LOW_SPACE:
                 raise
             raise OSError(errno.ENOSPC, "no space left on the device", os.fspath(path)) from None
