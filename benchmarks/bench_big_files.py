@@ -7,7 +7,7 @@ size, not accuracy. Each model is pruned to the paper's per-layer keep ratios an
 and ``Quantization`` arguments, resolved per layer by the callbacks' own ``check``, the masks from
 ``compression.pruning.magnitude_mask``, k-means from ``compression.kmeans.kmeans_1d`` with the recipe's init),
 saved as a checkpoint shaped like train.py's (weights, masks, codebooks, indices, config, SGD momentum
-buffers), then encoded with ``trainer.export.encode_checkpoint`` (what train.py and ``dcz.py encode`` run)
+buffers), then encoded with ``builders.encode_run_checkpoint`` (what train.py and ``dcz.py encode`` run)
 and decoded with ``trainer.export.read_compressed`` (what ``test.py -r model.dcz`` runs), the decoded tensors
 compared bit for bit with the checkpoint's.
 
@@ -101,7 +101,7 @@ def step_prepare(model: str, work: Path) -> dict[str, Any]:
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)  # a checkpoint carries its momentum
     for p in net.parameters():
         optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    ckpt = {"state_dict": lit.state_dict(), **lit.compression.checkpoint_entries(), "config": lit.config,
+    ckpt = {"state_dict": lit.state_dict(), **lit.compression.checkpoint_entries(), "config": lit.parts.checkpoint_config,
             "optimizer_states": [optimizer.state_dict()], "epoch": 0, "global_step": 0}
     with atomic_open(work / f"{model}.ckpt") as f:
         torch.save(ckpt, f)
@@ -113,11 +113,14 @@ def step_prepare(model: str, work: Path) -> dict[str, Any]:
 
 
 def step_encode(model: str, work: Path, index_bits: str) -> dict[str, Any]:
-    from trainer.export import encode_checkpoint
+    from builders import encode_run_checkpoint
 
     bits: Any = int(index_bits) if index_bits.isdigit() else index_bits
+    cfg = recipe_config(model)
     base, start, cpu = peak_mib(), time.perf_counter(), cpu_s()
-    out, report = encode_checkpoint(work / f"{model}.ckpt", work / f"{model}.dcz", bits)
+    out, report = encode_run_checkpoint(work / f"{model}.ckpt", work / f"{model}.dcz", cfg,
+                                        cfg.export.model_copy(update={"index_bits": bits, "codec": "huffman",
+                                                                      "raw_dtype": "float32"}))
     wall, cpu = time.perf_counter() - start, cpu_s() - cpu
     rows = {r["layer"]: {"index_bits": r["index_bits_pq"], "fillers": r["fillers"],
                          "weight_bits_pq": r["weight_bits_pq"]}
@@ -148,6 +151,26 @@ def step_decode(model: str, work: Path) -> dict[str, Any]:
     return {"wall_s": wall, "cpu_s": cpu, "after_imports_mib": base, "peak_mib": peak, "bit_exact": bool(exact)}
 
 
+def step_verify(model: str, work: Path) -> dict[str, Any]:
+    """What every entry point pays before it uses a checkpoint: the archive's CRCs (``utils.check_checkpoint_file``)
+    and the compression state (``trainer.lit_model.check_checkpoint``), beside torch.load itself."""
+    import torch
+
+    from trainer.lit_model import check_checkpoint
+    from utils import check_checkpoint_file
+
+    path = work / f"{model}.ckpt"
+    start = time.perf_counter()
+    check_checkpoint_file(path)
+    verify = time.perf_counter() - start
+    start = time.perf_counter()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    check_checkpoint(ckpt, path)
+    return {"verify_s": verify, "load_s": load, "state_check_s": time.perf_counter() - start}
+
+
 def child(args: argparse.Namespace) -> int:
     import torch
 
@@ -157,6 +180,8 @@ def child(args: argparse.Namespace) -> int:
         result = step_prepare(args.model, work)
     elif args.child == "encode":
         result = step_encode(args.model, work, args.index_bits)
+    elif args.child == "verify":
+        result = step_verify(args.model, work)
     else:
         result = step_decode(args.model, work)
     result.setdefault("peak_mib", peak_mib())
@@ -194,6 +219,7 @@ def index_bits_for(model: str, choice: str) -> str:
 
 def bench(model: str, work: Path, threads: int, choices: list[str]) -> list[dict[str, Any]]:
     prepared = run_child("prepare", model, work, threads)
+    verified = run_child("verify", model, work, threads)
     rows = []
     for choice in choices:
         index_bits = index_bits_for(model, choice)
@@ -214,15 +240,15 @@ def bench(model: str, work: Path, threads: int, choices: list[str]) -> list[dict
                      "encode_peak_mib": encoded["peak_mib"], "encode_step_mib": encoded["peak_mib"] -
                      encoded["after_imports_mib"], "decode_peak_mib": decoded["peak_mib"],
                      "decode_step_mib": decoded["peak_mib"] - decoded["after_imports_mib"],
-                     "bit_exact": decoded["bit_exact"]})
+                     "bit_exact": decoded["bit_exact"], **verified})
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["| model (random weights) | index bits | kept | file | rate on disk | P+Q report / predicted | P+Q+H | "
              "paper P+Q / P+Q+H | encode wall (CPU) | decode wall (CPU) | encode peak RSS (step) | "
-             "decode peak RSS (step) | bit-exact |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "decode peak RSS (step) | bit-exact | checkpoint: CRCs / state check / torch.load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(
             f"| {r['model']} ({r['parameters']:,} params, {r['dense_mib']:.0f} MiB float32) | {r['index_bits']} | "
@@ -231,7 +257,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"{r['paper_rate_pq']}x / {r['paper_rate_pqh']}x | {r['encode_s']:.1f} s ({r['encode_cpu_s']:.1f} s) | "
             f"{r['decode_s']:.1f} s ({r['decode_cpu_s']:.1f} s) | "
             f"{r['encode_peak_mib']:.0f} MiB ({r['encode_step_mib']:.0f}) | "
-            f"{r['decode_peak_mib']:.0f} MiB ({r['decode_step_mib']:.0f}) | {r['bit_exact']} |")
+            f"{r['decode_peak_mib']:.0f} MiB ({r['decode_step_mib']:.0f}) | {r['bit_exact']} | "
+            f"{r['ckpt_mib']:.0f} MiB: {r['verify_s']:.2f} / {r['state_check_s']:.2f} / {r['load_s']:.2f} s |")
     return "\n".join(lines)
 
 
@@ -244,7 +271,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each step")
     parser.add_argument("--workdir", default=None, help="where the checkpoints and files go (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--child", choices=("prepare", "encode", "decode"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("prepare", "verify", "encode", "decode"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     return parser
 
