@@ -35,7 +35,6 @@ class PruningArgs(StrictArgs):
     keep_ratio: float | dict[str, float] | None = None  # fraction kept at the end: one, or {name or type: r}
     sensitivity: float | dict[str, float] | None = None  # Han's quality parameter s of criterion "std"
     layers: list[str] | None = None  # layer names or types (default: every Linear/Conv2d, or the dict's keys)
-    prune_bias: bool = False  # prune biases too, with their layer's target
     schedule: Literal[SCHEDULES] = "one_shot"  # type: ignore[valid-type]  # one_shot, epochs, every, gradual (Zhu & Gupta's cubic)
     epochs: list[int] | None = None  # pruning epochs of schedule "epochs" (0-based)
     start_epoch: int = 0  # first pruning epoch
@@ -53,8 +52,6 @@ class PruningArgs(StrictArgs):
         if other is not None:
             raise ValueError(f"criterion {self.criterion!r} takes {name}, not "
                              f"{'keep_ratio' if name == 'sensitivity' else 'sensitivity'}")
-        if self.criterion == "global" and isinstance(target, dict):
-            raise ValueError("criterion 'global' takes one keep_ratio for all layers, not a dict")
         for key, value in (target.items() if isinstance(target, dict) else [(name, target)]):
             if name == "keep_ratio" and not 0.0 < value <= 1.0:
                 raise ValueError(f"keep_ratio {key}: must be in (0, 1], got {value}")
@@ -77,7 +74,7 @@ class IterativePruning(Callback):
     """Prunes the selected layers at the scheduled epochs.
 
     Takes the keyword arguments of ``PruningArgs`` (criterion, keep_ratio or sensitivity, layers,
-    prune_bias, schedule, epochs, start_epoch, end_epoch, prune_every, adjust_dropout).
+    schedule, epochs, start_epoch, end_epoch, prune_every, adjust_dropout).
     ``schedule``: ``one_shot`` (at ``start_epoch``), ``epochs`` (the list ``epochs``), ``every`` (from
     ``start_epoch`` every ``prune_every`` epochs up to ``end_epoch``) or ``gradual`` (same epochs, cubic
     schedule of Zhu & Gupta 2017). Multi-step schedules reach the target at the last step.
@@ -88,8 +85,7 @@ class IterativePruning(Callback):
 
     def __init__(self, **kwargs: Any) -> None:
         self.args = args = validated(PruningArgs, kwargs, "IterativePruning")
-        self.criterion, self.target, self.layers, self.prune_bias = (args.criterion, args.target, args.layers,
-                                                                     args.prune_bias)
+        self.criterion, self.target, self.layers = args.criterion, args.target, args.layers
         self.schedule, self.epochs, self.start_epoch = args.schedule, args.epochs, args.start_epoch
         self.end_epoch, self.prune_every = args.end_epoch, args.prune_every
         self.adjust_dropout = args.adjust_dropout
@@ -121,12 +117,7 @@ class IterativePruning(Callback):
 
     def _params(self, model: nn.Module, targets: dict[str, float]) -> dict[str, tuple[nn.Parameter, float]]:
         layers = prunable_layers(model)
-        out = {}
-        for name, value in targets.items():
-            out[f"{name}.weight"] = (layers[name].weight, value)
-            if self.prune_bias and layers[name].bias is not None:
-                out[f"{name}.bias"] = (layers[name].bias, value)
-        return out
+        return {f"{name}.weight": (layers[name].weight, value) for name, value in targets.items()}
 
     # ------------------------------------------------------------------------------- hooks
     @override
