@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -181,11 +182,19 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     return callbacks + progress_bar(cfg)
 
 
+def bar_kind(cfg: Config) -> str:
+    """``trainer.progress_bar`` resolved: ``auto`` is ``tqdm`` on a terminal and ``none`` when the output goes to a
+    file or a CI log, where a redrawn bar is a line of carriage returns."""
+    kind = cfg.trainer.progress_bar
+    return ("tqdm" if sys.stderr.isatty() else "none") if kind == "auto" else kind
+
+
 def progress_bar(cfg: Config) -> list[Callback]:
     """The configured progress bar (tqdm writes to stderr, so --json output on stdout stays clean)."""
-    if cfg.trainer.progress_bar == "rich":
+    kind = bar_kind(cfg)
+    if kind == "rich":
         return [RichProgressBar()]
-    if cfg.trainer.progress_bar == "tqdm":
+    if kind == "tqdm":
         return [TQDMProgressBar(refresh_rate=TQDM_REFRESH_BATCHES)]
     return []
 
@@ -211,7 +220,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
         log_every_n_steps=tc.log_every_n_steps,
         deterministic=tc.deterministic,  # no gradient_clip_val: LitClassifier clips (manual optimization)
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        enable_progress_bar=tc.progress_bar != "none",
+        enable_progress_bar=bar_kind(cfg) != "none",
         plugins=[AtomicCheckpointIO()],  # a crash or a full disk never truncates a checkpoint
     )
     if run_dir is None:

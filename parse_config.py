@@ -116,7 +116,9 @@ class TrainerConfig(_Strict):
     monitor: str = "min val/top1_err"  # "<min|max> <metric>" for the best checkpoint and early stopping
     early_stop: int = Field(0, ge=0)  # patience in epochs for early stopping on `monitor` (0: off)
     log_every_n_steps: int = Field(50, ge=1)  # train/loss logged (and the weights checked finite) every n steps
-    progress_bar: Literal["tqdm", "rich", "none"] = "tqdm"  # tqdm: Lightning's bar, redrawn every 25 batches
+    # auto: tqdm on a terminal, else no bar (the per-epoch log lines remain); tqdm: Lightning's bar, redrawn every 25
+    # batches, wherever the output goes; rich; none
+    progress_bar: Literal["auto", "tqdm", "rich", "none"] = "auto"
     deterministic: bool = False  # torch deterministic algorithms (bit-exact reruns, slower on GPU)
     limit_train_batches: int | float | None = Field(None, gt=0)  # a count or a fraction (smoke runs)
     limit_val_batches: int | float | None = Field(None, ge=0)  # likewise; 0: no validation

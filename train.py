@@ -122,8 +122,10 @@ def train(args: argparse.Namespace) -> int:
         if isinstance(callback, Distillation):
             train_teacher(cfg, callback, run_dir)  # a teacher config is trained first (teacher.py)
     total, nonzero = count_parameters(lit_model.model)
+    device = f"{type(trainer.accelerator).__name__.removesuffix('Accelerator').lower()} x {trainer.num_devices}"
     log.info(f"{cfg.name}: {cfg.arch.type} ({total:,} parameters, {nonzero:,} non-zero) on "
-             f"{cfg.data_loader.type}; run folder {run_dir}")
+             f"{cfg.data_loader.type}, {device}{f' x {trainer.num_nodes} nodes' if trainer.num_nodes > 1 else ''}; "
+             f"run folder {run_dir}")
     os.environ["DC_RUN_DIR"] = str(run_dir)  # DDP workers re-running this script join this run folder
     try:
         trainer.fit(lit_model, datamodule=datamodule, ckpt_path=args.resume, weights_only=True)

@@ -45,6 +45,15 @@ def is_worker() -> bool:
                if v.isdigit())
 
 
+# Lightning's console lines that say nothing about this run: a promotion, repeated at every evaluation, and the
+# accelerator banners (train.py logs the device the run uses in its own first line).
+_NOISE = ("💡 Tip:", "GPU available:", "TPU available:")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE)
+
+
 def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
     """Configures the ``deep_compression`` loggers; without ``run_dir``, logs to the console only."""
     config = json.loads(CONFIG_FILE.read_text())
@@ -60,6 +69,10 @@ def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
     for logger in config["loggers"].values():
         logger["level"] = level
     logging.config.dictConfig(config)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        chatty = logging.getLogger(name)
+        if _not_noise not in chatty.filters:
+            chatty.addFilter(_not_noise)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -162,3 +162,33 @@ def test_cosine_cycles_anneal_each_cycle_from_its_own_peak() -> None:
         CosineCycles(optimizer, cycles=[3, 2], peaks=[1.0])
     with pytest.raises(ValueError, match="cycles must be a non-empty list of epoch counts >= 1"):
         CosineCycles(optimizer, cycles=[])
+
+
+def test_auto_bar_is_tqdm_on_a_terminal_only_and_lightnings_banners_are_silenced(
+        tmp_path: Path, idx_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    cfg = parse_config(tiny_config(idx_dir, tmp_path / "runs"))
+    cfg.trainer.progress_bar = "auto"
+    for tty, bars in ((False, 0), (True, 1)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert len([c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, TQDMProgressBar)]) == bars
+    monkeypatch.undo()
+    import logging
+
+    class Keep(logging.Handler):  # what Lightning's own console handler (made at import, before capture) receives
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    seen: list[str] = []
+    handler = Keep()
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        run(tmp_path, idx_dir, "quiet", trainer={"progress_bar": "auto"})  # output captured: not a terminal
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    assert seen and not [m for m in seen if m.startswith(("💡 Tip:", "GPU available", "TPU available"))], seen
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "\r" not in text and "tiny: LeNet300" in text and ", cpu x 1; run folder" in text  # our own device line
+    assert "epoch 1: val/top1_err" in text  # one line per epoch instead of a bar
