@@ -1,6 +1,6 @@
 """Pruning primitives of Han et al., *Learning both Weights and Connections* (arXiv 1506.02626, §3).
 
-Pure tensor functions: masks by magnitude (per layer), by Han's per-layer threshold
+Pure tensor functions: masks by magnitude (per layer or global), by Han's per-layer threshold
 ``s × std(w)``, the keep-ratio of each step of a pruning schedule, and the dropout adjustment of §3.5.
 A mask is a bool tensor shaped like the weight, True where the weight is kept. Every function takes the
 current mask and returns a subset of it, so pruned weights never come back.
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-CRITERIA = ("magnitude", "std")
+CRITERIA = ("magnitude", "std", "global")
 SCHEDULES = ("one_shot", "epochs", "every", "gradual")
 
 
@@ -74,6 +74,30 @@ def std_threshold_mask(weight: torch.Tensor, sensitivity: float, mask: torch.Ten
         raise ValueError(f"std threshold needs at least 2 surviving weights, got {survivors.numel()}")
     threshold = sensitivity * survivors.float().std()
     return alive & (weight.detach().abs() >= threshold)
+
+
+def global_magnitude_masks(weights: Mapping[str, torch.Tensor], keep_ratio: float,
+                           masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One magnitude threshold over all ``weights`` together, keeping ``keep_ratio`` of their entries.
+
+    Raises:
+        ValueError: keep_ratio outside (0, 1] or no tensors given.
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if not weights:
+        raise ValueError("global pruning needs at least one tensor")
+    masks = masks or {}
+    names = list(weights)
+    scores = torch.cat([weights[n].detach().abs().flatten().float().cpu() for n in names])
+    alive = torch.cat([_alive(weights[n], masks.get(n)).flatten().cpu() for n in names])
+    keep = _keep_top(scores, alive, int(round(keep_ratio * scores.numel())))
+    out, start = {}, 0
+    for n in names:
+        size = weights[n].numel()
+        out[n] = keep[start:start + size].view_as(weights[n]).to(weights[n].device)
+        start += size
+    return out
 
 
 def schedule_epochs(kind: str, max_epochs: int, epochs: list[int] | None = None, start_epoch: int = 0,
@@ -137,13 +161,17 @@ def step_masks(criterion: str, weights: Mapping[str, torch.Tensor], targets: Map
     """The masks of pruning step ``step`` (0-based) of ``n_steps``, each a subset of the current one.
 
     Args:
-        criterion: ``magnitude`` (each tensor to ``keep_ratio_at`` its target) or ``std`` (Han's threshold,
-            the quality parameter growing to its target with ``progress``).
+        criterion: ``magnitude`` (each tensor to ``keep_ratio_at`` its target), ``std`` (Han's threshold,
+            the quality parameter growing to its target with ``progress``) or ``global`` (one threshold over
+            all tensors; every target is the same keep ratio).
         weights: The tensors to prune, by parameter name.
-        targets: Final keep ratio (``magnitude``) or sensitivity (``std``) per tensor.
+        targets: Final keep ratio (``magnitude``, ``global``) or sensitivity (``std``) per tensor.
         gradual: Zhu & Gupta's cubic schedule instead of the geometric one (``keep_ratio_at``).
         masks: The current masks (a tensor without one is unpruned).
     """
+    if criterion == "global":
+        keep = keep_ratio_at(step, n_steps, float(next(iter(targets.values()))), gradual)
+        return global_magnitude_masks(weights, keep, masks)
     out = {}
     for name, weight in weights.items():
         if criterion == "std":

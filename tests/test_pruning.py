@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from compression.pruning import (adjusted_dropout, keep_ratio_at, magnitude_mask,
+from compression.pruning import (adjusted_dropout, global_magnitude_masks, keep_ratio_at, magnitude_mask,
                                  schedule_epochs, std_threshold_mask)
 
 
@@ -61,6 +61,12 @@ def test_std_threshold_errors() -> None:
         std_threshold_mask(torch.ones(3), -1.0)
     with pytest.raises(ValueError, match="at least 2 surviving weights"):
         std_threshold_mask(torch.ones(1), 1.0)
+
+
+def test_global_magnitude_uses_one_threshold() -> None:
+    small, large = torch.full((4,), 0.1), torch.arange(1.0, 5.0)
+    masks = global_magnitude_masks({"a": small, "b": large}, 0.5)  # keep 4 of 8: all of b
+    assert not masks["a"].any() and masks["b"].all()
 
 
 def test_schedule_epochs() -> None:

@@ -54,7 +54,7 @@ def test_zeros_stay_zero_under_adam(tmp_path: Path, idx_dir: Path) -> None:
         assert torch.count_nonzero(ckpt["state_dict"][f"model.{name}"][~mask]) == 0
 
 
-def test_std_criterion_runs(tmp_path: Path, idx_dir: Path) -> None:
+def test_std_criterion_and_global_criterion_run(tmp_path: Path, idx_dir: Path) -> None:
     path = write_pruning(tmp_path, idx_dir, "std", {"criterion": "std", "sensitivity": {"Linear": 1.0, "fc3": 0.5}},
                  max_epochs=1)
     assert train.main(["-c", str(path)]) == 0
@@ -65,6 +65,12 @@ def test_std_criterion_runs(tmp_path: Path, idx_dir: Path) -> None:
     assert float(masks["fc1.weight"].float().mean()) == pytest.approx(1 - 1 / 3 ** 0.5, abs=0.01)
     assert float(masks["fc3.weight"].float().mean()) == pytest.approx(1 - 0.5 / 3 ** 0.5, abs=0.03)
 
+    path = write_pruning(tmp_path, idx_dir, "global", {"criterion": "global", "keep_ratio": 0.1, "layers": ["fc1", "fc2"]},
+                 max_epochs=1)
+    assert train.main(["-c", str(path)]) == 0
+    masks = load_ckpt(only_run(tmp_path / "global") / "last.ckpt")["masks"]
+    kept = int(masks["fc1.weight"].sum() + masks["fc2.weight"].sum())
+    assert set(masks) == {"fc1.weight", "fc2.weight"} and kept == round(0.1 * (235_200 + 30_000))
 
 
 def test_sparsity_is_logged_to_tensorboard(tmp_path: Path, idx_dir: Path) -> None:
@@ -142,7 +148,8 @@ def test_pruned_checkpoint_in_test_py_and_as_new_run_weights(tmp_path: Path, idx
                                                                   r"epochs 0\.\.1 \(trainer.max_epochs=2\)"),
     ({"keep_ratio": 0.1, "layers": ["BatchNorm2d"]}, r"'BatchNorm2d' is not a prunable layer"),
     ({"criterion": "std", "keep_ratio": 0.1}, r"criterion 'std' needs sensitivity"),
-    ({"criterion": "global", "keep_ratio": 0.1}, r"IterativePruning\.criterion: must be one of 'magnitude' or 'std' \(got \"global\"\)"),
+    ({"criterion": "global", "keep_ratio": {"fc1": 0.1}}, r"criterion 'global' takes one keep_ratio"),
+    ({"criterion": "l1", "keep_ratio": 0.1}, r"IterativePruning\.criterion: must be one of 'magnitude', 'std' or 'global' \(got \"l1\"\)"),
     ({"keep_ratio": 0.1, "schedule": "epochs"}, r"schedule 'epochs' needs a non-empty 'epochs' list"),
     ({"keep_ratio": 0.1, "amount": 0.5}, r"IterativePruning\.amount: unknown key; valid keys here: criterion, keep_ratio"),
 ])

@@ -52,6 +52,8 @@ class PruningArgs(StrictArgs):
         if other is not None:
             raise ValueError(f"criterion {self.criterion!r} takes {name}, not "
                              f"{'keep_ratio' if name == 'sensitivity' else 'sensitivity'}")
+        if self.criterion == "global" and isinstance(target, dict):
+            raise ValueError("criterion 'global' takes one keep_ratio for all layers, not a dict")
         for key, value in (target.items() if isinstance(target, dict) else [(name, target)]):
             if name == "keep_ratio" and not 0.0 < value <= 1.0:
                 raise ValueError(f"keep_ratio {key}: must be in (0, 1], got {value}")

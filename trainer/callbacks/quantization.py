@@ -99,8 +99,7 @@ class Quantization(Callback):
     layer with fewer distinct kept weights gets fewer), ``init``, ``epoch``, ``lr``, ``layers``, ``seed``,
     ``max_iter``, ``bias_bits`` (beyond the paper, which keeps biases raw: the selected layers' biases of
     more than ``BIAS_ENTRIES_PER_VALUE * 2**bias_bits`` entries share ``2**bias_bits`` values each,
-    clustered and fine-tuned like the weights; a bias is never pruned unless ``IterativePruning.prune_bias``
-    says so).
+    clustered and fine-tuned like the weights; biases are never pruned).
 
     Raises:
         ValueError: an argument out of range (one message per problem).
