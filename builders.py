@@ -29,7 +29,7 @@ from parse_config import Config, ConfigError, ExportConfig, instantiate, load_co
 from teacher import use_teacher
 from trainer.callbacks import CALLBACKS, Distillation, IterativePruning, Quantization
 from trainer.callbacks.stages import PipelineStages, plan_stages
-from data import DATAMODULES
+from data import DATAMODULES, MACHINE_KEYS
 from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.export import encode_checkpoint
 from trainer.lit_model import METRICS, LitClassifier, TrainingParts, load_weights
@@ -105,7 +105,7 @@ def load_trained_model(ckpt_path: str | Path, config_path: str | Path | None,
     """A checkpoint's network with its weights, its config (``config_path``, else the stored one, plus
     overrides) and the loaded checkpoint: what test.py and sensitivity.py evaluate."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = load_config(config_path, ckpt_path, overrides)
+    cfg = load_config(config_path, ckpt_path, overrides, training=False)
     model = build_model(cfg)
     load_weights(model, ckpt, ckpt_path)
     return model, cfg, ckpt
@@ -237,6 +237,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, **overrides: Any) -> pl.Tra
         return pl.Trainer(callbacks=callbacks, **kwargs)
     except (ValueError, TypeError, ImportError, MisconfigurationException) as err:  # e.g. an accelerator missing here
         raise ConfigError(f"trainer: {err}") from None
+    except RuntimeError as err:  # e.g. two stateful callbacks that would save the same state (trainer.callbacks)
+        raise ConfigError(f"trainer.callbacks: {str(err).splitlines()[0][:300]}") from None
 
 
 def _check_checkpoint_callbacks(callbacks: list[Callback]) -> None:
@@ -304,11 +306,6 @@ def make_evaluator(cfg: Config, model: nn.Module, split: str, limit_batches: int
 
 
 # ------------------------------------------------------------------- the .dcz file's evaluation metadata
-# Where the data is and whether to download it are the evaluating user's to say, never the file's: a file
-# that named a folder would decide where test.py writes, and would leak the training machine's paths.
-MACHINE_KEYS = ("data_dir", "download")
-
-
 def file_metadata(cfg: Config) -> dict[str, Any]:
     """Header fields beside the tensors: class count and names, input normalisation, and what test.py
     needs to evaluate the file (the dataset it was trained on, without ``MACHINE_KEYS``); the training
@@ -342,7 +339,11 @@ def evaluation_config(header: dict[str, Any]) -> dict[str, Any] | None:
 def encode_run_checkpoint(ckpt_path: str | Path, out: str | Path | None, cfg: Config,
                           options: ExportConfig | None = None) -> tuple[Path, dict[str, Any]]:
     """``model.dcz`` + reports of a checkpoint of the run ``cfg`` describes, with ``options`` (default:
-    ``cfg.export``); see ``trainer.export.encode_checkpoint``."""
+    ``cfg.export``); see ``trainer.export.encode_checkpoint``.
+
+    Raises:
+        CheckpointError: a missing, damaged or inconsistent checkpoint. ValueError: weights that do not fit.
+    """
     options = options or cfg.export
     return encode_checkpoint(ckpt_path, out, {"type": cfg.arch.type, "args": cfg.arch.args}, file_metadata(cfg),
                              options.index_bits, options.codec, options.raw_dtype)

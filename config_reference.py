@@ -22,7 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from parse_config import Config, _Spec
+from compression.atomic import atomic_write_text
+from parse_config import Config, RegistrySpec
 
 OUT = Path(__file__).resolve().parent / "docs" / "configuration.md"
 HEAD = """# Configuration reference
@@ -96,7 +97,7 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         key = f"{prefix}{name}"
         inner = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
                  if isinstance(a, type) and issubclass(a, BaseModel)]
-        if inner and issubclass(inner[0], _Spec):
+        if inner and issubclass(inner[0], RegistrySpec):
             spec = inner[0]
             out.append(f"| `{key}.type` | string | {default_of(field) or 'required'} | one of "
                        f"{', '.join(f'`{t}`' for t in spec.REGISTRY)} |")
@@ -116,12 +117,16 @@ def reference() -> str:
     return HEAD + "\n".join(rows(Config)) + "\n"
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Print (or --write) docs/configuration.md from the config models.")
+    parser.add_argument("--write", action="store_true", help="rewrite docs/configuration.md instead of printing it")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help=f"rewrite {OUT.relative_to(OUT.parents[1])}")
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     if args.write:
-        OUT.write_text(reference())
+        atomic_write_text(OUT, reference())
     else:
         print(reference(), end="")
     return 0

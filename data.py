@@ -36,6 +36,10 @@ SYSTEM_DATA_DIRS: dict[str, tuple[Path, ...]] = {
 }
 _log = get_logger("data")
 
+# Where the data is and whether to download it are the user's to say on the command line, never a file's (a
+# ``.dcz`` header, a teacher's config): a file that named a folder would decide where we read and write.
+MACHINE_KEYS = ("data_dir", "download")
+
 
 def _find_file(folder: Path, name: str) -> Path | None:
     for candidate in (folder / name, folder / f"{name}.gz"):

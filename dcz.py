@@ -147,7 +147,10 @@ def stored_config(ckpt_path: str) -> Config:
     config = load_checkpoint(ckpt_path).get("config")
     if not isinstance(config, dict):
         raise ConfigError(f"{ckpt_path} holds no config: it was not written by train.py")
-    return parse_config(config)
+    # encoding builds no callback: a run trained with an option removed since still encodes
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k != "callbacks"} \
+        if isinstance(config.get("trainer"), dict) else config.get("trainer")
+    return parse_config({**config, "trainer": trainer} if trainer is not None else config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ what is allowed, before any data is read or any training starts.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import os
@@ -40,7 +41,7 @@ class ConfigError(ValueError):
 _Strict = StrictArgs  # unknown keys are errors, no "3" -> 3 coercion (ints are accepted where floats are)
 
 
-class _Spec(_Strict):
+class RegistrySpec(_Strict):
     """A ``{"type": ..., "args": {...}}`` entry resolved through ``REGISTRY``."""
 
     REGISTRY: ClassVar[dict[str, Any]] = {}
@@ -60,20 +61,20 @@ class _Spec(_Strict):
         return self.REGISTRY[self.type]
 
 
-class ArchSpec(_Spec):
+class ArchSpec(RegistrySpec):
     REGISTRY = MODELS
 
 
-class DataSpec(_Spec):
+class DataSpec(RegistrySpec):
     REGISTRY = DATAMODULES
 
 
-class OptimizerSpec(_Spec):
+class OptimizerSpec(RegistrySpec):
     REGISTRY = OPTIMIZERS
     SUPPLIED = ("params",)
 
 
-class SchedulerSpec(_Spec):
+class SchedulerSpec(RegistrySpec):
     REGISTRY = SCHEDULERS
     SUPPLIED = ("optimizer",)
 
@@ -177,7 +178,8 @@ class Config(_Strict):
     optimizer: OptimizerSpec
     lr_scheduler: SchedulerSpec | None = None
     loss: Literal[tuple(LOSSES)] = "cross_entropy"  # type: ignore[valid-type]  # the training and evaluation loss
-    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]  # in % error
+    # the evaluation metrics, in % error
+    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS))  # type: ignore[valid-type]
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -224,7 +226,7 @@ def _wants_tuple(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and any(map(_wants_tuple, typing.get_args(hint)))
 
 
-def instantiate(spec: _Spec, path: str, **supplied: Any) -> Any:
+def instantiate(spec: RegistrySpec, path: str, **supplied: Any) -> Any:
     """Builds ``spec.target(**supplied, **spec.args)``, turning constructor errors into ``ConfigError``."""
     try:
         return spec.target(**supplied, **spec.args)
@@ -274,7 +276,7 @@ def _drop_retired(raw: dict[str, Any]) -> dict[str, Any]:
     callbacks = raw.get("trainer", {}).get("callbacks") if isinstance(raw.get("trainer"), dict) else None
     if not isinstance(callbacks, dict):
         return raw
-    raw = json.loads(json.dumps(raw))
+    raw = copy.deepcopy(raw)
     for name, retired in RETIRED.items():
         args = raw["trainer"]["callbacks"].get(name)
         for key, off in retired.items() if isinstance(args, dict) else ():
@@ -404,16 +406,20 @@ def write_config(cfg: Config, path: Path) -> None:
 
 
 def load_config(config_path: str | Path | None, resume_path: str | Path | None,
-                overrides: list[tuple[str, Any]]) -> Config:
+                overrides: list[tuple[str, Any]], training: bool = True) -> Config:
     """The configuration of a script call: ``-c`` file, else the one stored with the ``-r`` checkpoint.
 
     A checkpoint's config is the ``config.json`` of its run folder, or else the copy inside the
-    checkpoint. Overrides apply last and are validated like the file.
+    checkpoint. Overrides apply last and are validated like the file. ``training=False`` (a stored config read to
+    evaluate or encode the checkpoint, never to train) leaves out ``trainer.callbacks``, which such a call never
+    builds: a run trained with an option removed since still evaluates.
     """
     if config_path is not None:
         raw = read_json(config_path)
     elif resume_path is not None:
         raw = stored_config(Path(resume_path))
+        if not training and isinstance(raw.get("trainer"), dict):
+            raw = {**raw, "trainer": {k: v for k, v in raw["trainer"].items() if k != "callbacks"}}
     else:
         raise ConfigError("no configuration: pass -c CONFIG.json or -r CHECKPOINT")
     return parse_config(apply_overrides(raw, overrides))

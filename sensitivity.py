@@ -33,11 +33,11 @@ from compression.atomic import atomic_open, atomic_write_bytes, atomic_write_tex
 from compression.kmeans import INITS
 from compression.layers import prunable_layers, resolve
 from compression.quantization import MAX_BITS
-from compression.sensitivity import BUDGET_TOL, KINDS, Metrics, Point, check_jointly, propose, run_sweeps, sweep_points
+from compression.sensitivity import (BUDGET_TOL, KINDS, QUANTIZE_EPOCH, Metrics, Point, check_jointly, propose,
+                                     proposal_callbacks, run_sweeps, sweep_points)
 from data import DataNotFoundError
 from logger import setup_logging
 from parse_config import Config, ConfigError, add_override_args, overrides_from_args, parse_config
-from compression.sensitivity import QUANTIZE_EPOCH, proposal_callbacks
 from utils import CheckpointError
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError)

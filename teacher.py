@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from compression.atomic import atomic_write_bytes
+from data import MACHINE_KEYS
 from logger import get_logger
 from parse_config import Config, ConfigError, instantiate, load_config
 from trainer.callbacks import Distillation
@@ -66,7 +67,11 @@ def load_teacher(cfg: Config, path: str | Path) -> nn.Module:
 
 def use_teacher(cfg: Config, callback: Distillation) -> None:
     """Checks the callback's teacher before the run starts and hands it a checkpoint's network now (a config's
-    once ``train_teacher`` has trained it)."""
+    once ``train_teacher`` has trained it).
+
+    Raises:
+        ConfigError: see ``teacher_config`` and ``load_teacher``.
+    """
     if callback.teacher is None:
         return
     if callback.teacher.endswith(".ckpt"):
@@ -96,7 +101,7 @@ def train_teacher(cfg: Config, callback: Distillation, run_dir: Path) -> None:
     if not ckpt.is_file():  # (DDP workers start after this: rank 0 has written it)
         get_logger("train").info(f"Distillation: training the teacher {callback.teacher} first, into {folder}")
         cmd = teacher_command(callback.teacher, folder, cfg.trainer.progress_bar)
-        for key in ("data_dir", "download"):  # the run's data, as its command line set it
+        for key in MACHINE_KEYS:  # the run's data, as its command line set it
             if key in cfg.data_loader.args:
                 cmd += ["--set", f"data_loader.args.{key}={json.dumps(cfg.data_loader.args[key])}"]
         code = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL).returncode

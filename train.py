@@ -24,7 +24,7 @@ from builders import (build_config_callbacks, build_datamodule, build_lit_model,
                       check_model_and_machine, encode_run_checkpoint, make_evaluator, pipeline_stages)
 from compression.atomic import atomic_write_text, remove_stale_temporaries
 from data import DataNotFoundError
-from logger import get_logger, setup_logging
+from logger import get_logger, is_worker, setup_logging
 from parse_config import (Config, ConfigError, add_override_args, load_config, make_run_dir,
                           overrides_from_args, write_config)
 from teacher import train_teacher
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:
             raise
-        last = Path(getattr(args, "run_dir", "")) / "last.ckpt"
-        then = f"resume with -r {last}" if last.is_file() else "start the run again (it has no checkpoint yet)"
+        last = args.run_dir / "last.ckpt" if getattr(args, "run_dir", None) else None
+        then = f"resume with -r {last}" if last and last.is_file() else "start the run again (it has no checkpoint yet)"
         print(f"error: cannot write {err.filename or 'the run files'}: {err.strerror}; every file already written "
               f"is complete (atomic writes): free space or fix the folder's permissions, then {then}", file=sys.stderr)
         return 2
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    """One run from the parsed command line: config, checks, run folder, fit, then the file and its Table 1 row.
+
+    Raises:
+        ConfigError, DataNotFoundError, CheckpointError, TrainingDivergedError: what ``main`` reports (exit 2).
+    """
     started = time.monotonic()
     setup_logging(None)  # the console until the run folder exists (then info.log too)
     if args.resume and args.weights:
@@ -103,7 +108,8 @@ def train(args: argparse.Namespace) -> int:
     callbacks = build_config_callbacks(cfg, lit_model.model, quantized=lit_model.compression.index,
                                        start_epoch=start_epoch)
     run_dir = args.run_dir = Path(args.resume).parent if args.resume else make_run_dir(cfg)
-    if args.resume and not os.environ.get("DC_RUN_DIR"):
+    first = not os.environ.get("DC_RUN_DIR") and not is_worker()  # not a DDP worker, whoever launched it
+    if args.resume and first:
         remove_stale_temporaries(run_dir)  # what a killed write left behind (once, not by every DDP worker)
     stages = pipeline_stages(cfg, callbacks, run_dir)
     callbacks += [stages] if stages else []
@@ -114,7 +120,7 @@ def train(args: argparse.Namespace) -> int:
             (run_dir / "config.json").unlink()
             run_dir.rmdir()
         raise
-    if args.resume and not os.environ.get("DC_RUN_DIR"):  # once, not by every DDP worker
+    if args.resume and first:  # once, not by every DDP worker
         write_config(cfg, run_dir / "config.json")  # the run now continues under this config
     setup_logging(run_dir)
     log = get_logger("train")

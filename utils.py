@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import pickletools
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -38,6 +39,9 @@ def _check_archive(path: Path) -> None:
                 raise CheckpointError(f"{path} would unpack to {unpacked:,} bytes from {path.stat().st_size:,} on "
                                       f"disk (more than {limit:,}): not a checkpoint torch wrote; refused unread")
             for info in members:
+                if info.flag_bits & 0x1:  # encrypted: torch never writes it (and zipfile would ask for a password)
+                    raise CheckpointError(f"{path}: member {info.filename} is marked encrypted: not a checkpoint "
+                                          f"torch wrote; refused")
                 if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
                     raise CheckpointError(f"{path}: member {info.filename} is compressed or declares "
                                           f"{info.compress_size:,} bytes stored for {info.file_size:,}: not a "
@@ -45,7 +49,7 @@ def _check_archive(path: Path) -> None:
                 with archive.open(info) as member:  # raises BadZipFile on a CRC or size mismatch
                     while member.read(_CHUNK):
                         pass
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{path} is corrupt (its bytes do not match the archive's checksums: {err}); "
@@ -83,8 +87,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
         text = str(err).strip()
         if isinstance(err, pickle.UnpicklingError):  # a pickle that would import and call something: name it
-            raise CheckpointError(f"{path} was refused: {_pickle_globals(path)}, which weights_only=True blocks "
-                                  f"(a checkpoint of ours holds tensors and plain values only)") from None
+            named = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+            what = f"it asks to load the Python object {named.group(1)}" if named else _pickle_globals(path)
+            raise CheckpointError(f"{path} was refused: {what}, which weights_only=True blocks (a checkpoint of "
+                                  f"ours holds tensors and plain values only)") from None
         first = text.splitlines()[0][:200] if text else type(err).__name__
         raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {first}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -108,10 +114,21 @@ def _pickle_globals(path: Path) -> str:
                 strings.append(arg)
     except (StopIteration, ValueError, zipfile.BadZipFile, OSError):
         return "its pickle cannot be read"
-    foreign = [n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections.OrderedDict"))]
+    foreign = [n for n in dict.fromkeys(names) if n not in _allowed_globals()]
     if foreign:
         return f"it asks to load the Python object{'s' if len(foreign) > 1 else ''} {', '.join(foreign[:5])}"
     return "its pickle uses instructions outside what a checkpoint needs"
+
+
+def _allowed_globals() -> set[str]:
+    """The objects ``torch.load(weights_only=True)`` admits, as ``module.name`` (torch's own list where it has one)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # another torch: the objects our checkpoints use
+        allowed = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
+    return allowed | {f"{g.__module__}.{g.__name__}" for g in torch.serialization.get_safe_globals()
+                      if hasattr(g, "__module__") and hasattr(g, "__name__")}
 
 
 def _check_entries(path: Path, ckpt: dict[str, Any]) -> None:

@@ -73,7 +73,7 @@ def run_case(n: int, k: int, runs: int, sklearn_runs: int, seed: int, sklearn_to
 
     values = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     start = init_centroids(values, k, "linear").reshape(-1, 1)  # (k, 1), the same start for both
-    ours_s, ours = median_time(lambda: kmeans_1d(values, k, init="linear"), runs)
+    ours_s, ours = median_time(lambda: kmeans_1d(values, k, init="linear", max_iter=300), runs)
     column = values.reshape(-1, 1)  # (n, 1)
     model = KMeans(n_clusters=k, init=start, n_init=1, algorithm="lloyd", tol=sklearn_tol)
     sk_s, fitted = median_time(lambda: model.fit(column), sklearn_runs)

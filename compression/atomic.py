@@ -45,7 +45,14 @@ _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # the names atomic_open g
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Removes the temporary files a killed ``atomic_open`` left in ``folder`` (a ``kill -9`` runs no cleanup);
-    call it only where no write of ours is under way. Returns the names removed."""
+    call it only where no write of ours is under way.
+
+    Args:
+        folder: A run folder (not searched below).
+
+    Returns:
+        The names removed.
+    """
     removed = []
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and _TEMPORARY.match(entry.name):

@@ -217,6 +217,9 @@ def decode_entries(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[n
     if encoding not in ("sparse", "quantized"):
         raise ValueError(f"{name}: unknown encoding {encoding!r}")
     codec = BY_TAG.get(entry.get("codec", HUFFMAN))  # type: ignore[arg-type]
+    if codec is None and entry.get("codec") in RETIRED_TAGS:
+        raise ValueError(f"{name}: codec {entry['codec']!r} ({RETIRED_TAGS[entry['codec']]}) was removed "
+                         f"(docs/experiments.md); encode the run's checkpoint again with dcz.py encode")
     if codec is None:
         raise ValueError(f"{name}: unknown codec {str(entry.get('codec'))[:40]!r}; this reader knows "
                          f"{', '.join(BY_TAG)} (a file from a newer version?)")
@@ -274,3 +277,4 @@ CODECS: dict[str, Codec] = {
     "range": Codec(range_codec.CODEC, range_entry, range_entries),  # beyond the paper: adaptive range coding
 }
 BY_TAG = {codec.tag: codec for codec in CODECS.values()}  # what a header entry may record
+RETIRED_TAGS = {"range-v2": "range coding of runs of weights, for IterativePruning.block"}  # written by older code

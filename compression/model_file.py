@@ -24,8 +24,8 @@ from torch import nn
 
 from compression.container import MAGIC, ContainerError, framing_bytes, read_container, write_container
 from compression.layers import layer_type
-from compression.model_codec import (CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, HUFFMAN, _int_field, decode_entries, decode_tensor,
-                                     encode_tensor)
+from compression.model_codec import (CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, HUFFMAN, _int_field, decode_entries,
+                                     decode_tensor, encode_tensor)
 from compression.report import build_report
 from compression.sparse import SparseLinear, csr_from_positions
 from compression.sparse_index import AUTO_INDEX_BITS, DEFAULT_INDEX_BITS, IndexBits
@@ -290,7 +290,9 @@ def file_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         per_tensor[key.rpartition(":")[0]] = per_tensor.get(key.rpartition(":")[0], 0) + n
     rows = []
     for entry in header["tensors"]:
-        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise CompressedFileError(f"{path}: malformed tensor entry in the header: {str(entry)[:100]}")
+        shape = entry.get("shape")
         # Counts as a file of ours can hold them: a count past MAX_PARAMETERS (or one no float can hold) is corrupt.
         counts = [*(shape if isinstance(shape, list) else [None]), entry.get("kept", 0), entry.get("entries", 0)]
         if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_PARAMETERS for d in counts) \

@@ -163,28 +163,37 @@ def test_what_only_a_run_would_find_is_refused_before_its_folder_exists(tmp_path
 def test_a_full_disk_inside_torch_save_is_one_message_naming_what_to_do(tmp_path: Path, idx_dir: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import shutil
+    import errno
 
     import trainer.checkpoint_io as checkpoint_io
 
+    class FullDisk:  # a file on a disk that fills after 4 KiB: torch.save sees a failed write in the middle
+        def __init__(self, f: Any) -> None:
+            self.f, self.written = f, 0
+
+        def write(self, data: bytes) -> int:
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    original, saves = checkpoint_io._Writer.__init__, []
+
+    def writer(self: Any, f: Any) -> None:
+        saves.append(1)
+        original(self, FullDisk(f) if len(saves) > allowed else f)
+
+    monkeypatch.setattr(checkpoint_io._Writer, "__init__", writer)
     train = load_script("train")
     (tmp_path / "c.json").write_text(json.dumps(tiny_config(idx_dir, tmp_path / "runs", max_epochs=2)))
-    saves = []
-
-    def failing_save(obj: Any, f: Any) -> None:  # what torch's writer raises when the disk fills mid-write
-        saves.append(1)
-        if len(saves) > allowed:
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4032")
-        torch.serialization.save(obj, f)
-
-    monkeypatch.setattr(checkpoint_io.torch, "save", failing_save)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 10))
     for allowed, then in ((0, "start the run again (it has no checkpoint yet)"), (2, "resume with -r ")):
         saves.clear()
         assert train.main(["-c", str(tmp_path / "c.json")]) == 2
         err = capsys.readouterr().err
-        assert "No space left on device" in err or "no space left on the device" in err, err
-        assert then in err and "Traceback" not in err, err
+        assert "No space left on device" in err and then in err and "Traceback" not in err, err
     (last,) = (tmp_path / "runs").rglob("last.ckpt")
     assert f"resume with -r {last}" in err and load_checkpoint(last)["epoch"] >= 0  # what is there is complete
     assert not list((tmp_path / "runs").rglob("*.tmp"))
@@ -215,3 +224,58 @@ def test_dcz_info_on_a_header_count_no_float_can_hold_is_one_error(tmp_path: Pat
     rewrite_header(tmp_path / "m.dcz", lambda h: h["tensors"][0].update(kept=10 ** 400))
     assert dcz.main(["info", str(tmp_path / "m.dcz")]) == 2
     assert "malformed tensor entry in the header" in capsys.readouterr().err
+
+
+def test_a_member_marked_encrypted_is_refused_not_a_traceback(tmp_path: Path, idx_dir: Path) -> None:
+    good_checkpoint(tmp_path / "good.ckpt", idx_dir)
+    data = bytearray((tmp_path / "good.ckpt").read_bytes())
+    central = data.rindex(b"PK\x01\x02", 0, data.rindex(b"PK\x05\x06"))
+    data[central + 8] |= 0x1  # the general-purpose flag of the last directory record: "encrypted"
+    (tmp_path / "bad.ckpt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"is marked encrypted: not a checkpoint torch wrote"):
+        load_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_a_saved_module_is_refused_naming_its_class(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}, "model": torch.nn.Linear(2, 2)}, tmp_path / "module.ckpt")
+    with pytest.raises(CheckpointError, match=r"asks to load the Python object torch\.nn\.modules\.linear\.Linear"):
+        load_checkpoint(tmp_path / "module.ckpt")
+
+
+def test_dcz_info_on_a_tensor_entry_that_is_no_object_is_one_error(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import rewrite_header
+    from trainer.export import save_compressed
+
+    dcz = load_script("dcz")
+    model = LeNet300()
+    save_compressed(model, tmp_path / "m.dcz", arch={"type": "LeNet300", "args": {}},
+                    **compress_like_the_paper(model, 0.1, 4))
+    rewrite_header(tmp_path / "m.dcz", lambda h: h.update(tensors=[5]))
+    assert dcz.main(["info", str(tmp_path / "m.dcz")]) == 2
+    assert "malformed tensor entry in the header: 5" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_a_removed_option_still_evaluates_and_encodes(tmp_path: Path, idx_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = good_checkpoint(tmp_path / "old.ckpt", idx_dir)
+    ckpt["config"]["trainer"]["callbacks"] = {"IterativePruning": {"keep_ratio": 0.1, "splicing": True}}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    test, dcz, train = (load_script(name) for name in ("test", "dcz", "train"))
+    assert test.main(["-r", str(tmp_path / "old.ckpt"), "--json"]) == 0  # evaluation builds no callback
+    assert dcz.main(["encode", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "old.dcz")]) == 0
+    capsys.readouterr()
+    assert train.main(["-r", str(tmp_path / "old.ckpt")]) == 2  # training would: refused, with the pointer
+    assert "IterativePruning.splicing: this option was removed (docs/experiments.md" in capsys.readouterr().err
+
+
+def test_lightning_callbacks_that_would_save_the_same_state_are_one_config_error(
+        tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(idx_dir, tmp_path / "runs")
+    cfg["trainer"]["early_stop"] = 5  # ours, on trainer.monitor: the same state as the one named below
+    cfg["trainer"]["callbacks"] = {"EarlyStopping": {"monitor": "val/top1_err", "mode": "min"}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert load_script("train").main(["-c", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert "error: trainer.callbacks: " in err and "Traceback" not in err
+    assert not list((tmp_path / "runs").rglob("config.json"))

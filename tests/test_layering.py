@@ -1,7 +1,8 @@
 """The layers of docs/architecture.md, checked on the import statements of every module (function-level ones too).
 
 scripts (train, test, sensitivity, dcz) -> config (parse_config, builders, teacher) -> integration (trainer/, data,
-idx) -> algorithms (compression/) and models/; logger, utils and strict_args are helpers any layer may use.
+idx) -> algorithms (compression/) and models/; logger, utils and strict_args are helpers of the
+three upper layers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 from helpers import ROOT
 
-SCRIPTS = {"train", "test", "sensitivity", "dcz"}
+SCRIPTS = {"train", "test", "sensitivity", "dcz", "config_reference"}
 CONFIG = {"parse_config", "builders", "teacher"}
 HELPERS = {"logger", "utils", "strict_args"}
 OURS = SCRIPTS | CONFIG | HELPERS | {"trainer", "data", "idx", "compression", "models"}

@@ -261,7 +261,8 @@ def test_mutated_streams_fail_with_our_message_or_decode_identically(range_tenso
     ("clusters", 8, "w: codebook has 28 bytes for 8 clusters"),
     ("clusters", 0, "w: codebook has 28 bytes for 0 clusters"),
     ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1"),
-    ("codec", "range-v2", "w: unknown codec 'range-v2'; this reader knows huffman-v1, range-v1"),  # runs: removed
+    ("codec", "range-v2", "w: codec 'range-v2' \\(range coding of runs of weights, for IterativePruning.block\\) was "
+                          "removed \\(docs/experiments.md\\); encode the run's checkpoint again"),
     ("shape", [20, 160], "w: position stream"),  # another row length: other lanes, other contexts
 ])
 def test_header_fields_are_checked(range_tensor: tuple[dict, dict], field: str, value: Any, match: str) -> None:

@@ -9,19 +9,14 @@ Here the bytes go to a temporary file beside the target, are fsynced and renamed
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
 from compression.atomic import atomic_open
-
-
-LOW_SPACE = 64 << 20  # below this, a write torch.save could not finish is taken for a full disk
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,13 +26,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported by {type(self).__name__}")
-        folder = os.path.dirname(os.fspath(path)) or "."
-        os.makedirs(folder, exist_ok=True)
-        try:
-            with atomic_open(path) as f:
-                torch.save(checkpoint, f)
-        except RuntimeError:  # torch's writer reports a failed write as "[enforce fail ...] unexpected pos"
-            if shutil.disk_usage(folder).free > LOW_SPACE:
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        with atomic_open(path) as f:
+            writer = _Writer(f)
+            try:
+                torch.save(checkpoint, writer)
+            except RuntimeError:  # torch's writer turns a failed write into "[enforce fail ...] unexpected pos"
+                if writer.error is not None:
+                    raise writer.error from None  # the OSError itself: a full disk is ENOSPC, said as such
                 raise
-            raise OSError(errno.ENOSPC, "no space left on the device", os.fspath(path)) from None
+
+
+class _Writer:
+    """A binary file as ``torch.save`` writes to it, keeping the ``OSError`` a write raised (torch reports only
+    that the stream position is wrong)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 

@@ -183,9 +183,10 @@ class CompressionState(nn.Module):
         Raises:
             ValueError: naming the tensor and what is wrong with it.
         """
-        for name, weight in weights.items():  # min and max are NaN or infinite if any entry is: one pass, no copy
-            if weight.is_floating_point() and weight.numel() and not bool(torch.isfinite(
-                    torch.stack(torch.aminmax(weight.detach()))).all()):
+        tensors = {**weights, **{k: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(_CODEBOOKS)}}
+        for name, tensor in tensors.items():  # min and max are NaN or infinite if any entry is: one pass, no copy
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(
+                    torch.stack(torch.aminmax(tensor.detach()))).all()):
                 raise ValueError(f"{name} holds NaN or infinite values")
         masks, codebooks, indices = CompressionState.tensors_of(checkpoint)
         for name, mask in masks.items():
@@ -196,7 +197,8 @@ class CompressionState(nn.Module):
         for name, index in indices.items():
             book, mask = codebooks[name], masks.get(name)
             kept = None if mask is None else int(torch.count_nonzero(mask))  # (a bool sum would widen to int64)
-            if kept is None or index.ndim != 1 or index.is_floating_point() or len(index) != kept:
+            integer = not index.is_floating_point() and index.dtype != torch.bool and not index.is_complex()
+            if kept is None or index.ndim != 1 or not integer or len(index) != kept:
                 raise ValueError(f"the quantization index of {name} ({tuple(index.shape)}, {index.dtype}) does not "
                                  f"match its mask ({'none' if kept is None else kept} kept weights)")
             if len(index) and not (0 <= int(index.min()) and int(index.max()) < len(book)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class TrainingParts:
         gradient_clip_val: Clip the total gradient norm to this before each step; None: no clipping.
         metrics: The error metrics logged at validation and test (a subset of ``METRICS``).
         checkpoint_config: Stored as it is in every checkpoint (so that a checkpoint alone rebuilds its run);
-            never read here.
+            never read here. None: the checkpoints hold no config.
     """
 
     num_classes: int
@@ -53,7 +53,7 @@ class TrainingParts:
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     gradient_clip_val: float | None = None
     metrics: tuple[str, ...] = METRICS
-    checkpoint_config: dict[str, Any] = field(default_factory=dict)
+    checkpoint_config: dict[str, Any] | None = None
 
 
 class TrainingDivergedError(RuntimeError):
@@ -81,7 +81,11 @@ def check_checkpoint(ckpt: Mapping[str, Any], path: str | Path) -> None:
 
 def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
     """Copies the network weights of a loaded checkpoint into ``model`` (names and shapes must match), after
-    ``check_checkpoint``."""
+    ``check_checkpoint``.
+
+    Raises:
+        CheckpointError: an inconsistent checkpoint, or weights that do not fit ``model``.
+    """
     check_checkpoint(ckpt, path)
     try:
         result = model.load_state_dict(network_state(ckpt), strict=False)
@@ -272,7 +276,8 @@ class LitClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}  # stepped in on_train_epoch_end
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["config"] = self.parts.checkpoint_config  # plain JSON types: loadable with weights_only=True
+        if self.parts.checkpoint_config is not None:
+            checkpoint["config"] = self.parts.checkpoint_config  # plain JSON types: loadable with weights_only=True
         checkpoint.update(self.compression.checkpoint_entries())
         checkpoint["rng_states"] = _rng_states()
 

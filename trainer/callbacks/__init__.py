@@ -1,7 +1,7 @@
 """Callback registry: the names a config's ``trainer.callbacks`` may use, and their argument models.
 
-Lightning's own callbacks plus the compression callbacks (``IterativePruning``, ``Quantization``, ``Distillation``), whose
-arguments are typed models (``PruningArgs``, ``QuantizationArgs``, ``DistillationArgs``) that the config
+Lightning's own callbacks plus the compression callbacks (``IterativePruning``, ``Quantization``,
+``Distillation``), whose arguments are typed models (``PruningArgs``, ``QuantizationArgs``, ``DistillationArgs``) that the config
 schema uses as they are.
 """
 

@@ -35,7 +35,8 @@ class PruningArgs(StrictArgs):
     keep_ratio: float | dict[str, float] | None = None  # fraction kept at the end: one, or {name or type: r}
     sensitivity: float | dict[str, float] | None = None  # Han's quality parameter s of criterion "std"
     layers: list[str] | None = None  # layer names or types (default: every Linear/Conv2d, or the dict's keys)
-    schedule: Literal[SCHEDULES] = "one_shot"  # type: ignore[valid-type]  # one_shot, epochs, every, gradual (Zhu & Gupta's cubic)
+    # one_shot, epochs, every, gradual (Zhu & Gupta's cubic)
+    schedule: Literal[SCHEDULES] = "one_shot"  # type: ignore[valid-type]
     epochs: list[int] | None = None  # pruning epochs of schedule "epochs" (0-based)
     start_epoch: int = 0  # first pruning epoch
     end_epoch: int | None = None  # last pruning epoch of "every" / "gradual" (default: the last epoch)
