@@ -2,6 +2,7 @@
 
     python dcz.py encode runs/<name>/<ts>/best.ckpt [--out model.dcz] [--index-bits 5] [--codec range]
     python dcz.py info model.dcz         # the per-layer table, from the file alone
+    python dcz.py export model.dcz --onnx model.onnx [--form compact|dense]   # for ONNX runtimes
     python dcz.py bench model.dcz        # dense vs sparse (CSR) latency of the decoded model, batch 1 and 64
 
 Python API (re-exported from ``trainer/export.py``, which binds ``compression/model_file.py`` to our
@@ -20,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,12 +30,13 @@ from compression.model_codec import CODECS, HUFFMAN, RAW_STORAGE
 from compression.model_file import CompressedFileError, file_table
 from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
-from data import DATAMODULES
+from compression.onnx_export import FORMS
 from parse_config import Config, ConfigError, parse_config
-from trainer.export import is_compressed_file, load_compressed, read_compressed, save_compressed
+from trainer.export import export_onnx, input_shape, is_compressed_file, load_compressed, read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
-__all__ = ["CompressedFileError", "is_compressed_file", "load_compressed", "read_compressed", "save_compressed"]
+__all__ = ["CompressedFileError", "export_onnx", "is_compressed_file", "load_compressed", "read_compressed",
+           "save_compressed"]
 
 
 def _index_bits(text: str) -> int | str:
@@ -61,6 +64,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "(default: the checkpoint's config's export.raw_dtype)")
     info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
     info.add_argument("file", help="a .dcz file")
+    export = sub.add_parser("export", help="write a .dcz file's model as ONNX, for deployment runtimes")
+    export.add_argument("file", help="a .dcz file")
+    export.add_argument("--onnx", required=True, help="the .onnx file to write")
+    export.add_argument("--form", choices=FORMS, default="compact",
+                        help="compact: quantized weights as small integers into their values, computed in the graph "
+                             "(several times smaller, bit-exact weights); dense: every weight float32")
     bench = sub.add_parser("bench", help="dense vs sparse latency of a .dcz file's model on this machine")
     bench.add_argument("file", help="a .dcz file")
     bench.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes")
@@ -104,23 +113,6 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def input_shape(path: str, header: dict) -> list[int]:
-    """One sample's shape: from the header, else from the dataset it names (files written before it was stored).
-
-    Raises:
-        ValueError: neither is there.
-    """
-    given = header.get("input", {}).get("shape") if isinstance(header.get("input"), dict) else None
-    if isinstance(given, list) and given and all(isinstance(d, int) and d > 0 for d in given):
-        return given
-    evaluation = header.get("eval") if isinstance(header.get("eval"), dict) else {}
-    dataset = (evaluation.get("data_loader") or {}).get("type") if isinstance(evaluation.get("data_loader"),
-                                                                             dict) else None
-    if dataset in DATAMODULES:
-        return list(DATAMODULES[dataset].input_shape)
-    raise ValueError(f"{path} does not say what input its model takes (no input.shape, no known dataset)")
-
-
 def bench(path: str, batch_sizes: list[int], repeats: int) -> str:
     """Dense and sparse decodes of ``path`` timed side by side, alternating, on random inputs."""
     dense, header = read_compressed(path)
@@ -158,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             print(format_table(*file_table(args.file)))
+        elif args.command == "export":
+            size = export_onnx(args.file, args.onnx, args.form)
+            print(f"wrote {args.onnx}: {size:,} bytes ({args.form} ONNX, any batch size) from {args.file} "
+                  f"({Path(args.file).stat().st_size:,} bytes)")
         elif args.command == "bench":
             sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
             if args.threads:

@@ -16,17 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression.atomic import atomic_write_text
+from compression.atomic import atomic_write_bytes, atomic_write_text
 from compression.model_file import IndexBitsSpec, is_compressed_file
 from compression.model_file import read_compressed as _read_compressed
 from compression.model_file import save_compressed as _save_compressed
+from compression.onnx_export import to_onnx
 from compression.report import to_markdown
+from data import DATAMODULES
 from models import MODELS
 from trainer.compression_state import CompressionState
 from trainer.lit_model import check_checkpoint, network_state
 from utils import load_checkpoint
 
-__all__ = ["encode_checkpoint", "is_compressed_file", "load_compressed", "read_compressed", "save_compressed"]
+__all__ = ["encode_checkpoint", "export_onnx", "input_shape", "is_compressed_file", "load_compressed",
+           "read_compressed", "save_compressed"]
 
 
 def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -52,6 +55,37 @@ def read_compressed(path: str | Path, sparse: bool = False) -> tuple[nn.Module, 
 def load_compressed(path: str | Path, sparse: bool = False) -> nn.Module:
     """The model stored in a ``.dcz`` file (see ``read_compressed``)."""
     return read_compressed(path, sparse)[0]
+
+
+def input_shape(path: str | Path, header: dict) -> list[int]:
+    """One sample's shape: from the header, else from the dataset it names (files written before it was stored).
+
+    Raises:
+        ValueError: neither is there.
+    """
+    given = header.get("input", {}).get("shape") if isinstance(header.get("input"), dict) else None
+    if isinstance(given, list) and given and all(isinstance(d, int) and d > 0 for d in given):
+        return given
+    evaluation = header.get("eval") if isinstance(header.get("eval"), dict) else {}
+    dataset = (evaluation.get("data_loader") or {}).get("type") if isinstance(evaluation.get("data_loader"),
+                                                                             dict) else None
+    if dataset in DATAMODULES:
+        return list(DATAMODULES[dataset].input_shape)
+    raise ValueError(f"{path} does not say what input its model takes (no input.shape, no known dataset)")
+
+
+def export_onnx(path: str | Path, out: str | Path, form: str = "compact") -> int:
+    """Writes the model of a ``.dcz`` file as ONNX (``compression.onnx_export``: ``dense`` float32, or ``compact``,
+    quantized weights as indices into their values), for inputs of any batch size; returns the bytes written.
+
+    Raises:
+        compression.model_file.CompressedFileError: the file cannot be read. ValueError: an unknown form, or a file
+            that does not say what input its model takes. OSError: ``out`` cannot be written (nothing half-written).
+    """
+    model, header = read_compressed(path)
+    data = to_onnx(model, input_shape(path, header), form)
+    atomic_write_bytes(out, data)
+    return len(data)
 
 
 def encode_checkpoint(ckpt_path: str | Path, out: str | Path | None, arch: Mapping[str, Any],
