@@ -8,6 +8,7 @@ masks, codebooks and indices: ``CompressionState.tensors_of``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ from trainer.lit_model import check_checkpoint, network_state
 from utils import load_checkpoint
 
 __all__ = ["encode_checkpoint", "export_onnx", "input_shape", "is_compressed_file", "load_compressed",
-           "read_compressed", "save_compressed"]
+           "read_compressed", "save_compressed", "weights_digest"]
 
 
 def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -72,6 +73,16 @@ def input_shape(path: str | Path, header: dict) -> list[int]:
     if dataset in DATAMODULES:
         return list(DATAMODULES[dataset].input_shape)
     raise ValueError(f"{path} does not say what input its model takes (no input.shape, no known dataset)")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, shapes, bytes in order): what a ``.dcz`` promises to decode to."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def export_onnx(path: str | Path, out: str | Path, form: str = "compact") -> int:
