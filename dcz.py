@@ -31,7 +31,7 @@ from compression.model_file import CompressedFileError, file_table
 from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
 from compression.onnx_export import FORMS
-from parse_config import Config, ConfigError, parse_config
+from parse_config import Config, ConfigError, parse_config, without_callbacks
 from trainer.export import export_onnx, input_shape, is_compressed_file, load_compressed, read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
@@ -139,10 +139,7 @@ def stored_config(ckpt_path: str) -> Config:
     config = load_checkpoint(ckpt_path).get("config")
     if not isinstance(config, dict):
         raise ConfigError(f"{ckpt_path} holds no config: it was not written by train.py")
-    # encoding builds no callback: a run trained with an option removed since still encodes
-    trainer = {k: v for k, v in config.get("trainer", {}).items() if k != "callbacks"} \
-        if isinstance(config.get("trainer"), dict) else config.get("trainer")
-    return parse_config({**config, "trainer": trainer} if trainer is not None else config)
+    return parse_config(without_callbacks(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -418,11 +418,18 @@ def load_config(config_path: str | Path | None, resume_path: str | Path | None,
         raw = read_json(config_path)
     elif resume_path is not None:
         raw = stored_config(Path(resume_path))
-        if not training and isinstance(raw.get("trainer"), dict):
-            raw = {**raw, "trainer": {k: v for k, v in raw["trainer"].items() if k != "callbacks"}}
+        raw = raw if training else without_callbacks(raw)
     else:
         raise ConfigError("no configuration: pass -c CONFIG.json or -r CHECKPOINT")
     return parse_config(apply_overrides(raw, overrides))
+
+
+def without_callbacks(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as evaluating or encoding its checkpoint reads it: ``trainer.callbacks`` left out, since
+    neither builds one (a run trained with an option removed since still evaluates)."""
+    if not isinstance(raw.get("trainer"), dict):
+        return raw
+    return {**raw, "trainer": {k: v for k, v in raw["trainer"].items() if k != "callbacks"}}
 
 
 def stored_config(ckpt_path: Path) -> dict[str, Any]:
