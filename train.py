@@ -33,7 +33,7 @@ from trainer.callbacks.stages import CHECKPOINT_NAMES, PipelineStages
 from trainer.compression_state import MASKS_KEY
 from trainer.export import read_compressed
 from trainer.lit_model import TrainingDivergedError, check_checkpoint, load_weights
-from utils import CheckpointError, check_checkpoint_file, commit_id, count_parameters, load_checkpoint
+from utils import CheckpointError, commit_id, count_parameters, load_checkpoint
 
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointError, TrainingDivergedError)
 # Writing the run's files failed for a reason the user can fix (full disk, read-only folder, quota).
@@ -85,8 +85,10 @@ def train(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     if args.weights:
         overrides.append(("pretrained", args.weights))
-    if args.resume:  # a file that is no checkpoint is refused before its folder's config is even looked at
-        check_checkpoint_file(args.resume)
+    ckpt = None
+    if args.resume:  # a bad checkpoint is refused before its folder's config is even looked at (verified once)
+        ckpt = load_checkpoint(args.resume)
+        check_checkpoint(ckpt, args.resume)
     cfg = load_config(args.config, args.resume, overrides)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -100,9 +102,7 @@ def train(args: argparse.Namespace) -> int:
     datamodule.setup("fit")
     lit_model = build_lit_model(cfg, load_pretrained=not args.resume)
     start_epoch = 0
-    if args.resume:  # codebooks must exist before the optimizer is rebuilt and its state restored
-        ckpt = load_checkpoint(args.resume)
-        check_checkpoint(ckpt, args.resume)
+    if ckpt is not None:  # codebooks must exist before the optimizer is rebuilt and its state restored
         lit_model.load_compression(ckpt)
         start_epoch = int(ckpt.get("epoch", 0))  # (the epoch it was saved in: conservative by one)
     callbacks = build_config_callbacks(cfg, lit_model.model, quantized=lit_model.compression.index,
