@@ -153,8 +153,9 @@ class ExportConfig(_Strict):
     # Relative-index width before Huffman: 1..16, "auto" (smallest file per tensor), or by layer type
     # ({"Conv2d": 8, "Linear": "auto"}; a type not named gets DEFAULT_INDEX_BITS).
     index_bits: IndexBits | dict[LayerType, IndexBits] = DEFAULT_INDEX_BITS  # type: ignore[valid-type]
-    # Entropy coder of the pruned / quantized tensors: "huffman" (the paper's) or "range" (beyond the paper:
-    # adaptive range coding, a smaller file; index_bits then only sets the report's P / P+Q accounting).
+    # Entropy coder of the pruned / quantized tensors: "huffman" (the paper's), "range" (beyond the paper:
+    # adaptive range coding, a smaller file; index_bits then only sets the report's P / P+Q accounting) or
+    # "context" (beyond: each weight's significance and value coded with its neighbours as context, the smallest).
     codec: Literal[tuple(CODECS)] = DEFAULT_CODEC  # type: ignore[valid-type]
     # Storage of the tensors left unpruned (biases, BatchNorm statistics): "float32", or "float16" (beyond the
     # paper, half their bytes, lossy for them alone: the error reported is the file's).

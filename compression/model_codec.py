@@ -17,8 +17,10 @@ The entropy coder is chosen per file and recorded per tensor, through ``CODECS``
 codec's config name to its encoder, decoder and file tag: ``"huffman"`` (the paper's, the default; its entries
 carry no ``codec`` field, so such files are byte-identical to those written before the choice existed) and
 ``"range"`` (entries ``"codec": "range-v1"``, ``compression.range_tensor``: the same sections, range-coded with
-adaptive models, positions coded from the mask itself, so no fillers and no ``index_bits``). A reader meeting a
-tag it does not know says so.
+adaptive models, positions coded from the mask itself, so no fillers and no ``index_bits``) and ``"context"``
+(``"codec": "ctx-v1"``, ``compression.context_tensor``: significance and values in one stream, each bit coded
+with probabilities chosen by its neighbours, the codebook in its fewest exact bytes). A reader meeting a tag it
+does not know says so.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from compression import huffman, range_codec
+from compression import context_codec, huffman, range_codec
+from compression.context_tensor import context_entries, context_entry
 from compression.quantization import dequantize
 from compression.range_tensor import range_entries, range_entry
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, encode_positions
@@ -275,6 +278,7 @@ def stats_dict(stats: TensorStats) -> dict[str, Any]:
 CODECS: dict[str, Codec] = {
     "huffman": Codec(HUFFMAN, _huffman_entry, _huffman_entries),  # the paper's (§4)
     "range": Codec(range_codec.CODEC, range_entry, range_entries),  # beyond the paper: adaptive range coding
+    "context": Codec(context_codec.CODEC, context_entry, context_entries),  # beyond: neighbour contexts (DeepCABAC's idea)
 }
 BY_TAG = {codec.tag: codec for codec in CODECS.values()}  # what a header entry may record
 RETIRED_TAGS = {"range-v2": "range coding of runs of weights, for IterativePruning.block"}  # written by older code

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compression.context_codec import CODEC as CONTEXT_CODEC
+from compression.range_codec import CODEC as RANGE_CODEC
 from compression.container import MAGIC, ContainerError, framing_bytes, read_container, write_container
 from compression.layers import layer_type
 from compression.model_codec import (CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, HUFFMAN, _int_field, decode_entries,
@@ -37,6 +39,7 @@ MAX_PARAMETERS = 1 << 31  # a header declaring more than 2G weights (8 GiB) is n
 MAX_DECODE_RATIO = 1000
 MIN_DECODE_CAP = 256 << 20
 RANGE_DECODE_BYTES = 24  # working memory of the range decoder per kept weight (positions, symbols, counts)
+CONTEXT_DECODE_BYTES = 12  # working memory of the ctx-v1 decoder per weight (its int32 rank table, two copies)
 SPARSE_MAX_DENSITY = 0.5  # sparse=True: a Linear keeping more than this fraction stays dense (CSR would lose)
 Architectures = Mapping[str, Callable[..., nn.Module]]  # arch type name -> constructor (models.MODELS)
 IndexBitsSpec = IndexBits | Mapping[str, IndexBits]  # one width or "auto", or {layer type: width or "auto"}
@@ -259,7 +262,9 @@ def _check_table(path: str | Path, header: dict[str, Any], meta: nn.Module, cap:
     # A range-coded stream is decoded to its declared length before its CRC can refuse it: count the
     # decoder's working arrays (~24 bytes per declared kept weight) against the cap too.
     size += sum(RANGE_DECODE_BYTES * min(entry["kept"], math.prod(entry["shape"])) for entry in header["tensors"]
-                if entry.get("codec", HUFFMAN) != HUFFMAN and isinstance(entry.get("kept"), int) and entry["kept"] > 0)
+                if entry.get("codec", HUFFMAN) == RANGE_CODEC and isinstance(entry.get("kept"), int) and entry["kept"] > 0)
+    size += sum(CONTEXT_DECODE_BYTES * math.prod(entry["shape"]) for entry in header["tensors"]
+                if entry.get("codec") == CONTEXT_CODEC)
     if size > cap:
         raise CompressedFileError(f"{path}: the model it declares takes {size:,} bytes, more than the {cap:,} "
                                   f"allowed for a file of this size (read_compressed(max_decoded_bytes=...) "

@@ -23,7 +23,7 @@ Each stream ends in the CRC32 of what it codes (two 16-bit symbols), so a damage
 decodes to something else is caught here; stray words after the end are refused too, bar one (the decoder
 reads a word ahead), which changes nothing decoded. ``constriction`` reports bad data with
 ``AssertionError``/``KeyError``/``ValueError``: each becomes one ``ValueError``. The encoder and the decoder
-run the same functions (``_Coder``), so their models cannot drift apart; every model quantity is an integer
+run the same functions (``Coder``), so their models cannot drift apart; every model quantity is an integer
 count or a ratio of counts (no ``log``/``exp``), so two machines build bit-identical models.
 """
 
@@ -88,7 +88,7 @@ def _groups(contexts: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(c, order[bounds[c]:bounds[c + 1]]) for c in range(_CONTEXTS) if bounds[c + 1] > bounds[c]]
 
 
-class _Coder:
+class Coder:
     """One interface over a ``RangeEncoder`` (symbols given, returned as they are) and a ``RangeDecoder``
     (symbols decoded and returned): the encoder and the decoder run the same code, so they cannot drift."""
 
@@ -117,13 +117,13 @@ class _Coder:
         return self.encoder.get_compressed().astype("<u4").tobytes()
 
 
-def _decoder(data: bytes, what: str) -> _Coder:
+def open_decoder(data: bytes, what: str) -> Coder:
     if len(data) % 4:
         raise ValueError(f"{what} stream has {len(data)} bytes, not a whole number of 32-bit words")
-    return _Coder(RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32)))
+    return Coder(RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32)))
 
 
-def _guarded(run: Callable[[], np.ndarray], what: str) -> np.ndarray:
+def guarded(run: Callable[[], np.ndarray], what: str) -> np.ndarray:
     try:
         return run()
     except ValueError:
@@ -145,7 +145,7 @@ def _slice_bounds(n: int, coded: int) -> list[int]:
     return bounds
 
 
-def _code_gaps(coder: _Coder, counts: np.ndarray, contexts: np.ndarray, gaps: np.ndarray | None) -> np.ndarray:
+def _code_gaps(coder: Coder, counts: np.ndarray, contexts: np.ndarray, gaps: np.ndarray | None) -> np.ndarray:
     """One slice of a step: bucket symbols by context, then the low bits; returns the gaps, updates ``counts``."""
     given = None if gaps is None else np.searchsorted(_BASE, gaps, side="right") - 1
     symbols = np.empty(len(contexts), np.int64)
@@ -160,7 +160,7 @@ def _code_gaps(coder: _Coder, counts: np.ndarray, contexts: np.ndarray, gaps: np
     return out
 
 
-def _run_lanes(coder: _Coder, lengths: np.ndarray, gaps: np.ndarray | None = None,
+def _run_lanes(coder: Coder, lengths: np.ndarray, gaps: np.ndarray | None = None,
                offset: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The lock-step loop of encoder (``gaps``, each lane's from ``offset``) and decoder (``gaps`` None).
 
@@ -201,7 +201,7 @@ def encode_positions(positions: np.ndarray, numel: int, row: int) -> bytes:
     positions = np.asarray(positions, np.int64)
     if len(positions) and (positions[0] < 0 or positions[-1] >= numel or np.any(np.diff(positions) <= 0)):
         raise ValueError(f"positions must be strictly ascending within the tensor's {numel} elements")
-    coder = _Coder()
+    coder = Coder()
     if numel:
         starts, lengths = _lanes(numel, row)
         lane = (positions // row) * -(-row // LANE) + positions % row // LANE  # lanes ascend with positions
@@ -230,7 +230,7 @@ def decode_positions(data: bytes, numel: int, row: int, kept: int) -> np.ndarray
     """
     if not 0 <= kept <= numel:
         raise ValueError(f"{kept} kept weights declared for a tensor of {numel}")
-    coder = _decoder(data, "position")
+    coder = open_decoder(data, "position")
 
     def run() -> np.ndarray:
         starts, lengths = _lanes(numel, row) if numel else (np.zeros(0, np.int64),) * 2
@@ -251,7 +251,7 @@ def decode_positions(data: bytes, numel: int, row: int, kept: int) -> np.ndarray
         coder.check(_positions_crc(positions), "position")
         return positions
 
-    return _guarded(run, "position")
+    return guarded(run, "position")
 
 
 def _chunks(n: int) -> list[tuple[int, int]]:
@@ -263,7 +263,7 @@ def _chunks(n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _run_symbols(coder: _Coder, n: int, alphabet: int, symbols: np.ndarray | None = None) -> np.ndarray:
+def _run_symbols(coder: Coder, n: int, alphabet: int, symbols: np.ndarray | None = None) -> np.ndarray:
     out, counts = np.zeros(n, np.int64), np.ones(alphabet)
     for start, stop in _chunks(n) if alphabet > 1 else []:  # a single cluster: nothing to code
         out[start:stop] = coder.code(Categorical(counts, perfect=False), stop - start,
@@ -282,7 +282,7 @@ def encode_symbols(symbols: np.ndarray, alphabet: int) -> bytes:
     symbols = np.asarray(symbols, np.int64)
     if alphabet < 1 or (len(symbols) and (symbols.min() < 0 or symbols.max() >= alphabet)):
         raise ValueError(f"symbols must lie in [0, {alphabet})")
-    coder = _Coder()
+    coder = Coder()
     _run_symbols(coder, len(symbols), alphabet, symbols)
     return coder.to_bytes()
 
@@ -293,5 +293,5 @@ def decode_symbols(data: bytes, n: int, alphabet: int) -> np.ndarray:
     Raises:
         ValueError: a corrupt stream (the caller bounds ``n`` and ``alphabet`` before this allocates).
     """
-    coder = _decoder(data, "index")
-    return _guarded(lambda: _run_symbols(coder, n, alphabet), "index")
+    coder = open_decoder(data, "index")
+    return guarded(lambda: _run_symbols(coder, n, alphabet), "index")

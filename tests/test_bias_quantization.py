@@ -19,7 +19,7 @@ CALLBACKS = {"IterativePruning": {"keep_ratio": 0.2, "start_epoch": 0},
 BIASES = ("fc1.bias", "fc2.bias")  # 300 and 100 entries: more than 4 * 2**2; fc3.bias (10) stays raw
 
 
-@pytest.mark.parametrize("codec", ["huffman", "range"])
+@pytest.mark.parametrize("codec", ["huffman", "range", "context"])
 def test_biases_share_a_fine_tuned_codebook_and_decode_bit_exactly(tmp_path: Path, idx_dir: Path, codec: str) -> None:
     path = write_config(tmp_path, idx_dir, codec, CALLBACKS, max_epochs=3)
     cfg = json.loads(path.read_text())

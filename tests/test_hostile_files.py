@@ -124,7 +124,7 @@ def test_version_field(tmp_path: Path, version: int, match: str) -> None:
         read_compressed(path)
 
 
-@pytest.mark.parametrize("codec", ["huffman", "range"])
+@pytest.mark.parametrize("codec", ["huffman", "range", "context"])
 def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path, codec: str) -> None:
     """Seeded mutations of a real file: truncations, bit flips, header edits with recomputed CRCs."""
     path, model = small_file(tmp_path, codec)
@@ -140,6 +140,8 @@ def test_fuzzed_files_decode_identically_or_fail_cleanly(tmp_path: Path, codec: 
         lambda h, t: h["arch"]["args"].update(in_features=2 ** 62), lambda h, t: t.update(kept=None),
         lambda h, t: h.update(class_names=5), lambda h, t: t.update(codec="range-v2"),
         lambda h, t: t.update(codec="range-v1"), lambda h, t: t.update(clusters=t.get("clusters", 0) + 1),
+        lambda h, t: t.update(codec="ctx-v1"), lambda h, t: t.update(nb=2), lambda h, t: t.update(up=1),
+        lambda h, t: t.update(up=t.get("up", 0) + 3), lambda h, t: t.update(negatives=t.get("negatives", 0) + 1),
     ]
     outcomes = {"refused": 0, "identical": 0}
     for case in range(300):

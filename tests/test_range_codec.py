@@ -260,7 +260,7 @@ def test_mutated_streams_fail_with_our_message_or_decode_identically(range_tenso
     ("kept", 3201, "w: 3201 kept weights declared for a tensor of 3200"),
     ("clusters", 8, "w: codebook has 28 bytes for 8 clusters"),
     ("clusters", 0, "w: codebook has 28 bytes for 0 clusters"),
-    ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1"),
+    ("codec", "range-v9", "w: unknown codec 'range-v9'; this reader knows huffman-v1, range-v1, ctx-v1"),
     ("codec", "range-v2", "w: codec 'range-v2' \\(range coding of runs of weights, for IterativePruning.block\\) was "
                           "removed \\(docs/experiments.md\\); encode the run's checkpoint again"),
     ("shape", [20, 160], "w: position stream"),  # another row length: other lanes, other contexts
@@ -280,7 +280,7 @@ def test_a_file_with_an_unknown_codec_names_the_tensor(tmp_path: Path) -> None:
     save_compressed(model, path, arch=LENET300, codec="range", **compress_like_the_paper(model, 0.1, 4))
     rewrite_header(path, lambda h: h["tensors"][0].update(codec="range-v3"))
     with pytest.raises(CompressedFileError, match=r"fc1.weight: unknown codec 'range-v3'; this reader knows "
-                                                  r"huffman-v1, range-v1 \(a file from a newer version\?\)"):
+                                                  r"huffman-v1, range-v1, ctx-v1 \(a file from a newer version\?\)"):
         read_compressed(path)
 
 
@@ -322,7 +322,7 @@ def test_config_names_the_allowed_codecs(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, tmp_path / "runs")
     assert parse_config(cfg).export.codec == "huffman"
     cfg["export"] = {"codec": "arithmetic"}
-    with pytest.raises(ConfigError, match="export.codec: must be one of 'huffman' or 'range'"):
+    with pytest.raises(ConfigError, match="export.codec: must be one of 'huffman', 'range' or 'context'"):
         parse_config(cfg)
 
 
