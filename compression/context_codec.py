@@ -37,17 +37,20 @@ import constriction
 from compression.range_codec import Coder, guarded, open_decoder
 
 CODEC = "ctx-v1"  # the header's per-tensor codec name; a change to any model below needs a new version
-UNARY = 14  # magnitude bins |rank| > 1 .. > UNARY coded with contexts; the rest uniform
+UNARY = 15  # |rank| 1 .. UNARY is one adaptive symbol (UNARY + 1: larger, the rest exp-Golomb coded)
 _BUCKETS = 12  # row-density buckets; bucket _BUCKETS: the row's first column
 _SIG_CONTEXTS = (_BUCKETS + 1) * 4  # x left kept x up kept
 _MAG_CONTEXTS = 16  # min(|left|, 3) x min(|up|, 3)
 _SIGN_CONTEXTS = 9  # sign of left (none, +, -) x sign of up
 _EXP_CONTEXTS = 32  # the exponent bins of a magnitude beyond UNARY (levels up to 2**24: 25 bins)
 _FIRST_SLICE = 16  # bits coded before a context's counts are first updated
+_TRIAL_ROWS, _TRIAL_COLUMNS, _TRIAL_NUMEL = 256, 1024, 1 << 20  # a tensor over 1M weights picks its mode
+# on ~256 of its rows and its first 1024 columns
 MAX_UP = 4096  # the largest up offset a header may declare
 _WIDE = 64  # a (R, C) view with C > _WIDE * R and C > 4096 is coded as (numel, 1): steps stay few
 _POW2 = 1 << np.arange(63, dtype=np.int64)
 _BERNOULLI, _UNIFORM = constriction.stream.model.Bernoulli(perfect=False), constriction.stream.model.Uniform()
+_CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 
 
 def matrix_shape(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -69,23 +72,34 @@ def _buckets(kept: np.ndarray, j: int) -> np.ndarray:
     return np.minimum(np.searchsorted(_POW2, ratio, side="right") - 1, _BUCKETS - 1)
 
 
-def _p(counts: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-    """P(bit = 1) of each context ``ctx`` from its ``(n0, n1)`` counts, Krichevsky-Trofimov."""
-    n0, n1 = counts[ctx, 0], counts[ctx, 1]
-    return (5 * n1 + 2) / (5 * (n0 + n1) + 4)
-
-
 def _bits(coder: Coder, counts: np.ndarray, ctx: np.ndarray, bits: np.ndarray | None) -> np.ndarray:
     """Codes one bit per context in ``ctx`` and counts it: in slices no larger than what the least seen of those
     contexts has seen (at least ``_FIRST_SLICE``), so a long batch (a bias: one step of all its rows) does not
-    code its first bits blind."""
+    code its first bits blind. P(bit = 1) of a context is ``(n1 + 0.4) / (n + 0.8)`` (Krichevsky-Trofimov)."""
     out, start = np.empty(len(ctx), np.int64), 0
     while start < len(ctx):
-        seen = int(counts.sum(1)[ctx[start:]].min())
+        totals = counts.sum(1)
+        seen = int(totals.min()) if len(ctx) - start <= _FIRST_SLICE else int(totals[ctx[start:]].min())
         stop = min(len(ctx), start + max(_FIRST_SLICE, seen))
         part = ctx[start:stop]
-        out[start:stop] = coder.code(_BERNOULLI, _p(counts, part), None if bits is None else bits[start:stop])
+        p = ((5 * counts[:, 1] + 2) / (5 * totals + 4))[part]  # per context (a few dozen), then gathered
+        out[start:stop] = coder.code(_BERNOULLI, p, None if bits is None else bits[start:stop])
         counts += np.bincount(part * 2 + out[start:stop], minlength=counts.size).reshape(counts.shape)
+        start = stop
+    return out
+
+
+def _symbols(coder: Coder, counts: np.ndarray, ctx: np.ndarray, symbols: np.ndarray | None) -> np.ndarray:
+    """``_bits`` for symbols in ``[0, counts.shape[1])``: P(s) of a context ``(n_s + 1/2) / (n + K/2)``."""
+    out, start, size = np.empty(len(ctx), np.int64), 0, counts.shape[1]
+    while start < len(ctx):
+        totals = counts.sum(1)
+        seen = int(totals.min()) if len(ctx) - start <= _FIRST_SLICE else int(totals[ctx[start:]].min())
+        stop = min(len(ctx), start + max(_FIRST_SLICE, seen))
+        part = ctx[start:stop]
+        p = ((2 * counts + 1) / (2 * totals + size)[:, None])[part]  # (n, K), rows of the contexts' tables
+        out[start:stop] = coder.code(_CATEGORICAL, p, None if symbols is None else symbols[start:stop])
+        counts += np.bincount(part * size + out[start:stop], minlength=counts.size).reshape(counts.shape)
         start = stop
     return out
 
@@ -96,7 +110,7 @@ class _Values:
     def __init__(self, negatives: int, positives: int) -> None:
         self.negatives, self.positives = negatives, positives
         self.sign = np.zeros((_SIGN_CONTEXTS, 2), np.int64)
-        self.mag = np.zeros((UNARY, _MAG_CONTEXTS, 2), np.int64)
+        self.mag = np.zeros((_MAG_CONTEXTS, UNARY + 1), np.int64)
         self.exp = np.zeros((_EXP_CONTEXTS, 2), np.int64)
 
     def code(self, coder: Coder, left: np.ndarray, up: np.ndarray, ranks: np.ndarray | None, n: int) -> np.ndarray:
@@ -107,17 +121,10 @@ class _Values:
         else:
             negative = np.full(n, int(self.positives == 0), np.int64)
         side = np.where(negative == 1, self.negatives, self.positives)  # the largest |rank| of each one's side
-        mags = np.ones(n, np.int64)
         ctx = 4 * np.minimum(np.abs(left), 3) + np.minimum(np.abs(up), 3)
-        going = np.flatnonzero(side > 1)  # |rank| >= t known; > t still to code
-        for t in range(1, UNARY + 1):
-            if not len(going):
-                break
-            more = _bits(coder, self.mag[t - 1], ctx[going],
-                         None if ranks is None else (np.abs(ranks[going]) > t).astype(np.int32))
-            going = going[more == 1]
-            mags[going] = t + 1
-            going = going[side[going] > t + 1]
+        given = None if ranks is None else np.minimum(np.abs(ranks), UNARY + 1) - 1
+        mags = 1 + _symbols(coder, self.mag, ctx, given)  # |rank| 1 .. UNARY, or UNARY + 1: "more"
+        going = np.flatnonzero(mags > UNARY)
         if len(going):  # |rank| > UNARY: the rest, r = |rank| - UNARY - 1, as an exp-Golomb code
             mags[going] = UNARY + 1 + self._rest(coder, side[going] - UNARY - 1,
                                                  None if ranks is None else np.abs(ranks[going]) - UNARY - 1)
@@ -230,15 +237,19 @@ def encode(positions: np.ndarray, ranks: np.ndarray | None, shape: list[int], ne
             raise ValueError(f"ranks must be one per position, non-zero, in [-{negatives}, {positives}]")
         table[positions % cols, positions // cols] = ranks
     up = _best_up(table.T != 0, shape) if numel else 0
-    best = None
-    for nb, d in dict.fromkeys([(False, 0), (True, 0), (True, up)]):  # each once, in this order
-        coder = Coder()
-        _run(coder, table, negatives, positives, nb, d, given=True)
-        coder.check(zlib.crc32(table.tobytes()), "context")
-        data = coder.to_bytes()
-        if best is None or len(data) < len(best[0]):
-            best = (data, int(nb), d)
-    return best
+    modes = list(dict.fromkeys([(False, 0), (True, 0), (True, up)]))  # each once, in this order
+    if rows > _TRIAL_ROWS and numel > _TRIAL_NUMEL:  # a large tensor: each mode tried on a sample of its rows
+        sample = np.ascontiguousarray(table[:_TRIAL_COLUMNS, :: rows // _TRIAL_ROWS])  # steps cost, not rows
+        modes = [min(modes, key=lambda mode: len(_encoded(sample, negatives, positives, *mode)))]
+    return min(((_encoded(table, negatives, positives, *mode), int(mode[0]), mode[1]) for mode in modes),
+               key=lambda result: len(result[0]))
+
+
+def _encoded(table: np.ndarray, negatives: int, positives: int, nb: bool, up: int) -> bytes:
+    coder = Coder()
+    _run(coder, table, negatives, positives, nb, up, given=True)
+    coder.check(zlib.crc32(table.tobytes()), "context")
+    return coder.to_bytes()
 
 
 def decode(data: bytes, shape: list[int], kept: int, negatives: int, positives: int, nb: int,
