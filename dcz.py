@@ -1,6 +1,7 @@
 """The ``.dcz`` compressed model file from the command line, and its Python API for users.
 
     python dcz.py encode runs/<name>/<ts>/best.ckpt [--out model.dcz] [--index-bits 5] [--codec range]
+    python dcz.py encode runs/<name>/<ts>/pruned.ckpt --budget 0.1   # post-training: a searched uniform grid
     python dcz.py info model.dcz         # the per-layer table, from the file alone
     python dcz.py export model.dcz --onnx model.onnx [--form compact|dense]   # for ONNX runtimes
     python dcz.py bench model.dcz        # dense vs sparse (CSR) latency of the decoded model, batch 1 and 64
@@ -32,6 +33,8 @@ from compression.report import to_markdown
 from compression.sparse_index import MAX_INDEX_BITS
 from compression.onnx_export import FORMS
 from parse_config import Config, ConfigError, parse_config, without_callbacks
+from logger import setup_logging
+from post_training import quantize_checkpoint
 from trainer.export import export_onnx, input_shape, is_compressed_file, load_compressed, read_compressed, save_compressed
 from utils import CheckpointError, load_checkpoint
 
@@ -57,11 +60,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help=f"bits of a relative index before Huffman coding, 1..{MAX_INDEX_BITS} or 'auto' "
                           "(default: the checkpoint's config's export.index_bits)")
     enc.add_argument("--codec", choices=list(CODECS), default=None,
-                     help="entropy coder: 'huffman' (the paper's) or 'range' (smaller; beyond the paper) "
-                          "(default: the checkpoint's config's export.codec)")
+                     help="entropy coder: 'huffman' (the paper's), 'range' or 'context' (smaller, smallest; beyond "
+                          "the paper) (default: the checkpoint's config's export.codec; with --budget: context)")
     enc.add_argument("--raw-dtype", choices=list(RAW_STORAGE), default=None,
                      help="storage of the unpruned tensors (biases...): float16 halves them, lossy for them alone "
                           "(default: the checkpoint's config's export.raw_dtype)")
+    enc.add_argument("--budget", type=float, default=None, metavar="PTS",
+                     help="post-training quantization, no retraining: every weight and bias on a uniform grid whose "
+                          "steps are searched for the smallest file whose validation top-1 error is at most the "
+                          "checkpoint's own + PTS points (e.g. 0.1); needs the run's data")
+    enc.add_argument("--val-batches", type=float, default=None,
+                     help="with --budget: validation batches per trial, a count or a fraction (default: all)")
     info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
     info.add_argument("file", help="a .dcz file")
     export = sub.add_parser("export", help="write a .dcz file's model as ONNX, for deployment runtimes")
@@ -156,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 torch.set_num_threads(args.threads)
             print(bench(args.file, sizes, args.repeats))
+        elif args.budget is not None:
+            setup_logging(None)  # the search's trials, one line each
+            if args.index_bits is not None:
+                raise ValueError("--index-bits sets the Huffman layout; --budget writes uniform grids: drop one")
+            limit = None if args.val_batches is None else (int(args.val_batches) if args.val_batches >= 1
+                                                             else args.val_batches)
+            out, report = quantize_checkpoint(args.checkpoint, args.out, args.budget, args.codec or "context",
+                                              args.raw_dtype or "float16", limit)
+            done = report["post_training"]
+            print(to_markdown(report, f"Compression report: {out}"))
+            print(f"post-training: validation top-1 error {done['val_top1_err_before']:.2f} % -> "
+                  f"{done['val_top1_err']:.2f} % (budget +{args.budget:g}); {out.stat().st_size:,} bytes")
         else:
             cfg = stored_config(args.checkpoint)
             given = {"index_bits": args.index_bits, "codec": args.codec, "raw_dtype": args.raw_dtype}

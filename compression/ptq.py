@@ -1,0 +1,155 @@
+"""Precision chosen by rate: uniform quantization of a pruned model after training, under an error budget.
+
+Beyond Deep Compression §3 (k-means with a fixed number of bits per layer, then fine-tuning): here each tensor gets
+a uniform grid ``step * level`` whose step is *searched* for the smallest coded file whose validation error stays
+within a budget, as MPEG's NNR chooses its quantization parameter, and each weight's level is chosen by
+entropy-constrained scalar quantization (Chou, Lookabaugh & Gray 1989): the level minimising
+``(w - step * level)**2 + lam * step**2 * bits(level)``, ``bits`` the code length of the level under the
+tensor's current level histogram, iterated a few times. ``lam = 0`` is plain rounding; a larger ``lam`` moves
+weights to likelier levels (level 0 prunes them), trading a little distortion for fewer bits.
+
+Everything here is a pure function of tensors and of the two callables the caller passes (``measure``: the
+validation error and the real file size of a setting), so the same search serves any model and any codec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+STEP_RATIO = 2 ** 0.25  # neighbouring steps of the search (NNR's qp: four per octave)
+BIAS_STEP_DIVISOR = 16  # a bias starts at the weights' step / 16: it is added to every output, once
+LAMBDAS = (0.0, 0.1, 0.2, 0.4)  # entropy-constrained assignment strengths tried at the end
+ECSQ_ITERATIONS = 4
+
+Setting = dict[str, float]  # tensor name -> step ("lam" -> the assignment strength)
+Measure = Callable[[Setting], tuple[float, int]]  # setting -> (validation top-1 error in %, file bytes)
+
+
+def levels_of(values: torch.Tensor, step: float, lam: float = 0.0, iterations: int = ECSQ_ITERATIONS) -> torch.Tensor:
+    """The integer level of each value on the grid ``step * level`` (0: the weight is pruned).
+
+    Args:
+        values: (n,) float weights (the kept ones).
+        step: The grid's step (> 0).
+        lam: Rate weight of the entropy-constrained assignment (0: nearest level).
+
+    Returns:
+        (n,) int64 levels.
+    """
+    if not step > 0 or not math.isfinite(step):
+        raise ValueError(f"step must be a positive number, got {step!r}")
+    scaled = values.detach().double().cpu() / step
+    levels = torch.round(scaled).long()
+    if lam <= 0 or not len(levels):
+        return levels
+    for _ in range(iterations):  # assignments and code lengths, alternately (Chou et al.'s ECVQ, on a grid)
+        low, counts = int(levels.min()), None
+        counts = torch.bincount(levels - low).double()
+        bits = -torch.log2((counts + 0.5) / (counts.sum() + 0.5 * len(counts)))  # never infinite
+
+        def cost(candidate: torch.Tensor) -> torch.Tensor:
+            index = (candidate - low).clamp(0, len(bits) - 1)
+            rate = torch.where((candidate >= low) & (candidate < low + len(bits)), bits[index], bits.max() + 1)
+            return (scaled - candidate) ** 2 + lam * rate
+
+        options = torch.stack([torch.floor(scaled).long(), torch.ceil(scaled).long(), torch.zeros_like(levels)])
+        levels = options.gather(0, torch.stack([cost(o) for o in options]).argmin(0, keepdim=True))[0]
+    return levels
+
+
+def search(names: list[str], sizes: Mapping[str, int], start: Setting, measure: Measure, limit: float,
+           log: Callable[[str], None] = lambda _: None) -> tuple[Setting, float, int]:
+    """The setting of smallest file whose validation error is at most ``limit``.
+
+    1. One step for every weight (biases at ``step / BIAS_STEP_DIVISOR``), from ``start`` coarser by
+       ``STEP_RATIO`` while the error stays within ``limit`` (finer first if ``start`` breaks it).
+    2. Each tensor in turn, largest first: coarser while the file shrinks and the error stays within ``limit``.
+    3. The assignment strength ``lam`` of ``LAMBDAS`` that gives the smallest file within ``limit``.
+
+    Args:
+        names: The tensors quantized (keys of a setting besides ``"lam"``).
+        sizes: Their number of elements (the order of step 2).
+        start: The first setting tried.
+        measure: ``setting -> (error %, bytes)``.
+        limit: The largest acceptable validation error, in %.
+
+    Returns:
+        (setting, its error, its bytes).
+
+    Raises:
+        ValueError: no setting within the limit, even the finest tried.
+    """
+    cache: dict[tuple, tuple[float, int]] = {}
+
+    def trial(setting: Setting) -> tuple[float, int]:
+        key = tuple(sorted(setting.items()))
+        if key not in cache:
+            cache[key] = measure(setting)
+            log(f"  {_describe(setting)}: {cache[key][0]:.2f} % error, {cache[key][1]:,} bytes")
+        return cache[key]
+
+    def scaled(setting: Setting, factor: float, only: list[str]) -> Setting:
+        return {k: (v * factor if k in only else v) for k, v in setting.items()}
+
+    best = dict(start)
+    for _ in range(24):  # finer until within the limit
+        if trial(best)[0] <= limit:
+            break
+        best = scaled(best, 1 / STEP_RATIO, names)
+    else:
+        raise ValueError(f"no step keeps the validation error within {limit:.2f} %")
+    best = _coarser(best, names, trial, scaled, limit)
+    for name in sorted(names, key=lambda n: -sizes[n]):
+        best = _coarser(best, [name], trial, scaled, limit)
+    candidates = [dict(best, lam=lam) for lam in LAMBDAS]
+    best = min((c for c in candidates if trial(c)[0] <= limit), key=lambda c: trial(c)[1])
+    return best, *trial(best)
+
+
+def _coarser(setting: Setting, which: list[str], trial: Callable, scaled: Callable, limit: float) -> Setting:
+    """``setting`` with the steps of ``which`` coarser by ``STEP_RATIO`` while the file shrinks within limit."""
+    for _ in range(24):
+        candidate = scaled(setting, STEP_RATIO, which)
+        error, size = trial(candidate)
+        if error > limit or size >= trial(setting)[1]:
+            return setting
+        setting = candidate
+    return setting
+
+
+def _describe(setting: Setting) -> str:
+    return ", ".join(f"{k} {v:.3g}" if k == "lam" else f"{k} 2^{math.log2(v):.2f}" for k, v in setting.items())
+
+
+def start_setting(weights: Mapping[str, torch.Tensor], biases: list[str], relative: float = 1 / 16) -> Setting:
+    """A first setting: each weight's step ``relative`` x its kept weights' standard deviation, rounded to a
+    power of ``STEP_RATIO``, shared by all (the largest tensor's); biases at that step / ``BIAS_STEP_DIVISOR``."""
+    largest = max(weights, key=lambda n: weights[n].numel())
+    kept = weights[largest][weights[largest] != 0]
+    std = float(kept.std()) if kept.numel() > 1 else 1.0
+    step = STEP_RATIO ** round(math.log(max(std * relative, 1e-12), STEP_RATIO))
+    return {**{n: step for n in weights}, **{n: step / BIAS_STEP_DIVISOR for n in biases}}
+
+
+def quantize_tensor(weight: torch.Tensor, mask: torch.Tensor | None, step: float, lam: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` on the grid: (quantized weight, its mask, codebook ``step * levels``, index per kept weight).
+
+    A weight whose level is 0 joins the pruned ones; the codebook holds the float32 values
+    ``float32(step) * level`` exactly, as the ``ctx-v1`` codec stores a grid.
+    """
+    mask = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.bool()
+    levels = levels_of(weight[mask], step, lam)
+    keep = levels != 0
+    new_mask = torch.zeros_like(mask)
+    new_mask[mask] = keep
+    used, index = torch.unique(levels[keep], return_inverse=True)
+    step32 = np.float32(step)
+    codebook = torch.from_numpy(step32 * used.numpy().astype(np.float32))
+    quantized = torch.zeros_like(weight)
+    quantized[new_mask] = codebook[index].to(weight.dtype)
+    return quantized, new_mask, codebook, index

@@ -1,0 +1,88 @@
+"""The post-training path (``dcz.py encode CKPT --budget PTS``): quantize and code a pruned checkpoint, no retraining.
+
+For a user who brings a pruned model, as MPEG's NNR does: every weight tensor (and bias) goes on a uniform grid
+whose step is searched, tensor by tensor, for the smallest real file whose validation top-1 error is at most the
+checkpoint's own plus ``budget`` points (``compression.ptq``). Each trial is measured, not estimated: the model
+is evaluated on the validation split and the ``.dcz`` is written and its bytes counted. The config layer: it
+reads the run's config for the data and the architecture.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builders import file_metadata, load_trained_model, make_evaluator
+from compression import ptq
+from compression.layers import prunable_layers
+from logger import get_logger
+from trainer.compression_state import CompressionState
+from trainer.export import save_compressed
+
+log = get_logger("post_training")
+
+
+def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: float, codec: str = "context",
+                        raw_dtype: str = "float16", limit_batches: int | float | None = None
+                        ) -> tuple[Path, dict[str, Any]]:
+    """Writes the smallest ``.dcz`` of a pruned checkpoint whose validation error is within ``budget`` points.
+
+    Args:
+        ckpt_path: A checkpoint written by train.py (pruned; a quantized one is re-quantized from its weights).
+        out: The ``.dcz`` path (None: ``model.dcz`` beside the checkpoint).
+        budget: Validation top-1 error allowed above the checkpoint's own, in points (0.1: 10.30 % -> 10.40 %).
+        codec: The entropy coder (``"context"``: the one that codes grids best).
+        raw_dtype: Storage of the tensors left on no grid (none, unless a layer is not prunable).
+        limit_batches: Validation batches per trial (None: the whole split).
+
+    Returns:
+        (path of the .dcz file, its report with a ``post_training`` entry: setting, errors, trials).
+
+    Raises:
+        CheckpointError, ConfigError, DataNotFoundError: as test.py. ValueError: a negative budget, or no step
+        that keeps the error within the budget.
+    """
+    if not budget >= 0:
+        raise ValueError(f"--budget must be >= 0 points of validation error, got {budget!r}")
+    model, cfg, ckpt = load_trained_model(ckpt_path, None, [])
+    masks, _, _ = CompressionState.tensors_of(ckpt)
+    weights = {f"{name}.weight": layer.weight for name, layer in prunable_layers(model).items()}
+    biases = [f"{name}.bias" for name, layer in prunable_layers(model).items() if layer.bias is not None]
+    params = dict(model.named_parameters())
+    original = {name: params[name].detach().clone() for name in [*weights, *biases]}
+    evaluate = make_evaluator(cfg, model, "val", limit_batches)
+    base = evaluate()["top1_err"]
+    log.info(f"{ckpt_path}: validation top-1 error {base:.2f} %; budget +{budget:g} points")
+    out = Path(out) if out is not None else Path(ckpt_path).with_name("model.dcz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arch, metadata = {"type": cfg.arch.type, "args": dict(cfg.arch.args)}, file_metadata(cfg)
+
+    def write(setting: ptq.Setting, path: Path) -> dict[str, Any]:
+        state: dict[str, dict[str, torch.Tensor]] = {"masks": {}, "codebooks": {}, "indices": {}}
+        with torch.no_grad():
+            for name, value in original.items():
+                quantized, mask, book, index = ptq.quantize_tensor(value, masks.get(name), setting[name],
+                                                                   setting.get("lam", 0.0))
+                params[name].copy_(quantized)
+                state["masks"][name], state["codebooks"][name], state["indices"][name] = mask, book, index
+        return save_compressed(model, path, arch=arch, metadata=dict(metadata), codec=codec, raw_dtype=raw_dtype,
+                               index_bits="auto", **state)
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        trial_path = Path(scratch) / "trial.dcz"
+
+        def measure(setting: ptq.Setting) -> tuple[float, int]:
+            write(setting, trial_path)
+            return evaluate()["top1_err"], trial_path.stat().st_size
+
+        sizes = {name: original[name].numel() for name in original}
+        start = ptq.start_setting({n: original[n] for n in weights}, biases)
+        setting, error, size = ptq.search(list(original), sizes, start, measure, base + budget, log.info)
+    report = write(setting, out)
+    report["post_training"] = {"checkpoint": str(ckpt_path), "budget": budget, "val_top1_err_before": base,
+                               "val_top1_err": error, "setting": setting}
+    log.info(f"chosen: {ptq._describe(setting)}: {error:.2f} % validation error, {size:,} bytes")
+    return out, report
