@@ -9,6 +9,7 @@ reads the run's config for the data and the architecture.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 
 from builders import file_metadata, load_trained_model, make_evaluator
 from compression import ptq
+from compression.atomic import atomic_write_text
+from compression.report import to_markdown
 from compression.layers import prunable_layers
 from logger import get_logger
 from trainer.compression_state import CompressionState
@@ -39,7 +42,8 @@ def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: f
         limit_batches: Validation batches per trial (None: the whole split).
 
     Returns:
-        (path of the .dcz file, its report with a ``post_training`` entry: setting, errors, trials).
+        (path of the .dcz file, its report with a ``post_training`` entry: setting, errors), also written beside
+        the file as ``compression_report.md`` and ``.json``.
 
     Raises:
         CheckpointError, ConfigError, DataNotFoundError: as test.py. ValueError: a negative budget, or no step
@@ -84,5 +88,8 @@ def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: f
     report = write(setting, out)
     report["post_training"] = {"checkpoint": str(ckpt_path), "budget": budget, "val_top1_err_before": base,
                                "val_top1_err": error, "setting": setting}
+    report["source"] = {"checkpoint": str(ckpt_path), "file": str(out)}
+    atomic_write_text(out.with_name("compression_report.md"), to_markdown(report, f"Compression report: {out.name}"))
+    atomic_write_text(out.with_name("compression_report.json"), json.dumps(report, indent=2) + "\n")
     log.info(f"chosen: {ptq._describe(setting)}: {error:.2f} % validation error, {size:,} bytes")
     return out, report

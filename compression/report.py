@@ -72,7 +72,12 @@ def to_markdown(report: dict[str, Any], title: str = "Compression report") -> st
                      f"| {r['index_bits_pq']} | {r['index_bits_pqh']:.2f} ({r['index_entropy']:.2f}) | {r['fillers']:,} "
                      f"| {r['rate_pq']:.1f}× | {r['rate_pqh']:.1f}× |")
     t, f = report["paper_total"], report["file"]
-    ranged = [r["layer"] for r in report["layers"] if r.get("codec") not in (None, HUFFMAN)]
+    ranged = [r["layer"] for r in report["layers"] if r.get("codec") == "range-v1"]
+    contexts = [r["layer"] for r in report["layers"] if r.get("codec") == "ctx-v1"]
+    if contexts:  # one stream holds positions and values: its bits are all in the weight column
+        lines += ["", f"H = context coding (ctx-v1, beyond the paper) for {', '.join(contexts)}: positions and values "
+                  f"in one stream, its real bits per kept weight in the weight column (codebook excluded); entropy "
+                  f"in parentheses: of the values alone (zero-order). P and P+Q: the paper's fixed-width layout."]
     if ranged:  # say which coder the H columns measure, and what their "entropy" is there
         lines += ["", f"H = range coding (range-v1, beyond the paper) for {', '.join(ranged)}: its real coded "
                   f"bits per kept weight; entropy in parentheses: of the cluster indices (zero-order), and of the "
