@@ -124,6 +124,7 @@ def test_the_search_takes_the_smallest_file_within_the_limit() -> None:
         ptq.search(["a"], {"a": 1}, {"a": 0.01}, lambda s: (10.0, 1), 9.0)
 
 
+@pytest.mark.slow  # ~35 s: a tiny run, then ~30 measured trials
 def test_dcz_encode_budget_writes_a_smaller_file_within_it(tmp_path: Path, idx_dir: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tiny_config(idx_dir, tmp_path / "runs", max_epochs=2)
@@ -132,7 +133,7 @@ def test_dcz_encode_budget_writes_a_smaller_file_within_it(tmp_path: Path, idx_d
     assert train.main(["-c", str(tmp_path / "c.json")]) == 0
     (run,) = sorted((tmp_path / "runs" / "tiny").iterdir())
     out = tmp_path / "ptq.dcz"
-    assert dcz.main(["encode", str(run / "best.ckpt"), "--budget", "1", "--out", str(out)]) == 0
+    assert dcz.main(["encode", str(run / "best.ckpt"), "--budget", "1", "--out", str(out), "--val-batches", "1"]) == 0
     printed = capsys.readouterr().out
     assert "post-training: validation top-1 error" in printed and out.stat().st_size < (run / "model.dcz").stat().st_size
     report = json.loads((tmp_path / "compression_report.json").read_text())
