@@ -91,5 +91,5 @@ def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: f
     report["source"] = {"checkpoint": str(ckpt_path), "file": str(out)}
     atomic_write_text(out.with_name("compression_report.md"), to_markdown(report, f"Compression report: {out.name}"))
     atomic_write_text(out.with_name("compression_report.json"), json.dumps(report, indent=2) + "\n")
-    log.info(f"chosen: {ptq._describe(setting)}: {error:.2f} % validation error, {size:,} bytes")
+    log.info(f"chosen: {ptq.describe(setting)}: {error:.2f} % validation error, {size:,} bytes")
     return out, report

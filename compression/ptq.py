@@ -47,7 +47,7 @@ def levels_of(values: torch.Tensor, step: float, lam: float = 0.0, iterations: i
     if lam <= 0 or not len(levels):
         return levels
     for _ in range(iterations):  # assignments and code lengths, alternately (Chou et al.'s ECVQ, on a grid)
-        low, counts = int(levels.min()), None
+        low = int(levels.min())
         counts = torch.bincount(levels - low).double()
         bits = -torch.log2((counts + 0.5) / (counts.sum() + 0.5 * len(counts)))  # never infinite
 
@@ -89,7 +89,7 @@ def search(names: list[str], sizes: Mapping[str, int], start: Setting, measure: 
         key = tuple(sorted(setting.items()))
         if key not in cache:
             cache[key] = measure(setting)
-            log(f"  {_describe(setting)}: {cache[key][0]:.2f} % error, {cache[key][1]:,} bytes")
+            log(f"  {describe(setting)}: {cache[key][0]:.2f} % error, {cache[key][1]:,} bytes")
         return cache[key]
 
     def scaled(setting: Setting, factor: float, only: list[str]) -> Setting:
@@ -121,7 +121,7 @@ def _coarser(setting: Setting, which: list[str], trial: Callable, scaled: Callab
     return setting
 
 
-def _describe(setting: Setting) -> str:
+def describe(setting: Setting) -> str:
     return ", ".join(f"{k} {v:.3g}" if k == "lam" else f"{k} 2^{math.log2(v):.2f}" for k, v in setting.items())
 
 
