@@ -137,6 +137,10 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
                               f"with `layers`")
         if isinstance(callback, Distillation):
             use_teacher(cfg, callback)  # a checkpoint now; a config once train.py has trained it
+        if isinstance(callback, Quantization) and callback.auto:  # its trial files are the run's model.dcz
+            callback.export_with(codec=cfg.export.codec, raw_dtype=cfg.export.raw_dtype,
+                                 index_bits=cfg.export.index_bits, metadata=file_metadata(cfg),
+                                 arch={"type": cfg.arch.type, "args": dict(cfg.arch.args)})
         callbacks.append(callback)
     _check_order(callbacks)
     return callbacks

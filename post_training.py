@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from builders import file_metadata, load_trained_model, make_evaluator
 from compression import ptq
@@ -29,8 +28,8 @@ log = get_logger("post_training")
 
 
 def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: float, codec: str = "context",
-                        raw_dtype: str = "float16", limit_batches: int | float | None = None
-                        ) -> tuple[Path, dict[str, Any]]:
+                        raw_dtype: str = "float16", limit_batches: int | float | None = None,
+                        overrides: list[tuple[str, Any]] | None = None) -> tuple[Path, dict[str, Any]]:
     """Writes the smallest ``.dcz`` of a pruned checkpoint whose validation error is within ``budget`` points.
 
     Args:
@@ -40,6 +39,7 @@ def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: f
         codec: The entropy coder (``"context"``: the one that codes grids best).
         raw_dtype: Storage of the tensors left on no grid (none, unless a layer is not prunable).
         limit_batches: Validation batches per trial (None: the whole split).
+        overrides: Config overrides (dotted key, value) on the checkpoint's config, e.g. the data folder.
 
     Returns:
         (path of the .dcz file, its report with a ``post_training`` entry: setting, errors), also written beside
@@ -51,12 +51,11 @@ def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: f
     """
     if not budget >= 0:
         raise ValueError(f"--budget must be >= 0 points of validation error, got {budget!r}")
-    model, cfg, ckpt = load_trained_model(ckpt_path, None, [])
+    model, cfg, ckpt = load_trained_model(ckpt_path, None, overrides or [])
     masks, _, _ = CompressionState.tensors_of(ckpt)
     weights = {f"{name}.weight": layer.weight for name, layer in prunable_layers(model).items()}
     biases = [f"{name}.bias" for name, layer in prunable_layers(model).items() if layer.bias is not None]
     params = dict(model.named_parameters())
-    original = {name: params[name].detach().clone() for name in [*weights, *biases]}
     evaluate = make_evaluator(cfg, model, "val", limit_batches)
     base = evaluate()["top1_err"]
     log.info(f"{ckpt_path}: validation top-1 error {base:.2f} %; budget +{budget:g} points")
@@ -64,28 +63,21 @@ def quantize_checkpoint(ckpt_path: str | Path, out: str | Path | None, budget: f
     out.parent.mkdir(parents=True, exist_ok=True)
     arch, metadata = {"type": cfg.arch.type, "args": dict(cfg.arch.args)}, file_metadata(cfg)
 
-    def write(setting: ptq.Setting, path: Path) -> dict[str, Any]:
-        state: dict[str, dict[str, torch.Tensor]] = {"masks": {}, "codebooks": {}, "indices": {}}
-        with torch.no_grad():
-            for name, value in original.items():
-                quantized, mask, book, index = ptq.quantize_tensor(value, masks.get(name), setting[name],
-                                                                   setting.get("lam", 0.0))
-                params[name].copy_(quantized)
-                state["masks"][name], state["codebooks"][name], state["indices"][name] = mask, book, index
+    def write(state: ptq.State, path: Path) -> dict[str, Any]:
         return save_compressed(model, path, arch=arch, metadata=dict(metadata), codec=codec, raw_dtype=raw_dtype,
                                index_bits="auto", **state)
 
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         trial_path = Path(scratch) / "trial.dcz"
 
-        def measure(setting: ptq.Setting) -> tuple[float, int]:
-            write(setting, trial_path)
-            return evaluate()["top1_err"], trial_path.stat().st_size
+        def size_of(state: ptq.State) -> int:
+            write(state, trial_path)
+            return trial_path.stat().st_size
 
-        sizes = {name: original[name].numel() for name in original}
-        start = ptq.start_setting({n: original[n] for n in weights}, biases)
-        setting, error, size = ptq.search(list(original), sizes, start, measure, base + budget, log.info)
-    report = write(setting, out)
+        setting, error, size, state = ptq.search_grids({n: params[n] for n in [*weights, *biases]}, masks,
+                                                       list(weights), lambda: evaluate()["top1_err"], size_of,
+                                                       base + budget, log.info)
+    report = write(state, out)
     report["post_training"] = {"checkpoint": str(ckpt_path), "budget": budget, "val_top1_err_before": base,
                                "val_top1_err": error, "setting": setting}
     report["source"] = {"checkpoint": str(ckpt_path), "file": str(out)}

@@ -27,6 +27,7 @@ ECSQ_ITERATIONS = 4
 
 Setting = dict[str, float]  # tensor name -> step ("lam" -> the assignment strength)
 Measure = Callable[[Setting], tuple[float, int]]  # setting -> (validation top-1 error in %, file bytes)
+State = dict[str, dict[str, torch.Tensor]]  # {"masks" | "codebooks" | "indices": {tensor name: tensor}}
 
 
 def levels_of(values: torch.Tensor, step: float, lam: float = 0.0, iterations: int = ECSQ_ITERATIONS) -> torch.Tensor:
@@ -133,6 +134,47 @@ def start_setting(weights: Mapping[str, torch.Tensor], biases: list[str], relati
     std = float(kept.std()) if kept.numel() > 1 else 1.0
     step = STEP_RATIO ** round(math.log(max(std * relative, 1e-12), STEP_RATIO))
     return {**{n: step for n in weights}, **{n: step / BIAS_STEP_DIVISOR for n in biases}}
+
+
+def search_grids(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], weights: list[str],
+                 evaluate: Callable[[], float], size_of: Callable[[State], int], limit: float,
+                 log: Callable[[str], None] = lambda _: None) -> tuple[Setting, float, int, State]:
+    """The grids of smallest file within ``limit``: ``search`` over live parameters (what both the post-training
+    path and ``Quantization(bits="auto")`` run).
+
+    Each trial puts every tensor of ``params`` on its grid in place, then calls ``evaluate`` (the model's
+    validation error, in %) and ``size_of`` (the real bytes of the file holding that state). On return the
+    parameters hold the chosen grids' values.
+
+    Args:
+        params: The tensors to quantize (weights and biases), by name; changed in place.
+        masks: Pruning masks by name (a tensor without one is quantized whole; its zero levels join a new mask).
+        weights: The names in ``params`` that are weights (the others, biases, start at a finer step).
+
+    Returns:
+        (setting, its error, its bytes, its masks / codebooks / indices).
+    """
+    original = {name: value.detach().cpu().clone() for name, value in params.items()}
+    masks = {name: mask.detach().cpu() for name, mask in masks.items() if name in original}
+
+    def apply(setting: Setting) -> State:
+        state: State = {"masks": {}, "codebooks": {}, "indices": {}}
+        with torch.no_grad():
+            for name, value in original.items():
+                quantized, mask, book, index = quantize_tensor(value, masks.get(name), setting[name],
+                                                               setting.get("lam", 0.0))
+                params[name].copy_(quantized)
+                state["masks"][name], state["codebooks"][name], state["indices"][name] = mask, book, index
+        return state
+
+    def measure(setting: Setting) -> tuple[float, int]:
+        size = size_of(apply(setting))
+        return evaluate(), size
+
+    start = start_setting({n: original[n] for n in weights}, [n for n in original if n not in weights])
+    setting, error, size = search(list(original), {n: v.numel() for n, v in original.items()}, start, measure,
+                                  limit, log)
+    return setting, error, size, apply(setting)
 
 
 def quantize_tensor(weight: torch.Tensor, mask: torch.Tensor | None, step: float, lam: float
