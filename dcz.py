@@ -67,8 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "(default: the checkpoint's config's export.raw_dtype)")
     enc.add_argument("--budget", type=float, default=None, metavar="PTS",
                      help="post-training quantization, no retraining: every weight and bias on a uniform grid whose "
-                          "steps are searched for the smallest file whose validation top-1 error is at most the "
-                          "checkpoint's own + PTS points (e.g. 0.1); needs the run's data")
+                          "steps are searched for the smallest file whose expected validation top-1 error (mean "
+                          "probability off the true class) is at most the checkpoint's own + PTS points (e.g. 0.1); "
+                          "needs the run's data")
     enc.add_argument("--val-batches", type=float, default=None,
                      help="with --budget: validation batches per trial, a count or a fraction (default: all)")
     info = sub.add_parser("info", help="print a .dcz file's per-layer table from the file alone")
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             done = report["post_training"]
             print(to_markdown(report, f"Compression report: {out}"))
             print(f"post-training: validation top-1 error {done['val_top1_err_before']:.2f} % -> "
-                  f"{done['val_top1_err']:.2f} % (budget +{args.budget:g}); {out.stat().st_size:,} bytes")
+                  f"{done['val_top1_err']:.2f} %, expected {done['val_expected_err_before']:.3f} % -> "
+                  f"{done['val_expected_err']:.3f} % (budget +{args.budget:g}); {out.stat().st_size:,} bytes")
         else:
             cfg = stored_config(args.checkpoint)
             given = {"index_bits": args.index_bits, "codec": args.codec, "raw_dtype": args.raw_dtype}

@@ -4,8 +4,9 @@ At the start of epoch ``epoch`` each selected layer's kept weights are clustered
 (``compression.kmeans``) into at most ``2**bits`` shared values; from then on the layer's weight is
 ``codebook[index]`` on its pruning mask. With ``bits: "auto"`` (beyond the paper) the precision is chosen by rate
 instead: every selected weight and bias goes on a uniform grid whose step is searched tensor by tensor, with an
-entropy-constrained assignment (``compression.ptq``), for the smallest real file whose validation error stays
-within ``budget`` points of the model's own at that epoch; the grid's levels are the codebook. The codebooks are registered in ``setup`` — before Lightning
+entropy-constrained assignment (``compression.ptq``), for the smallest real file whose expected validation top-1
+error (mean probability off the true class) stays within ``budget`` points of the model's own at that epoch; the
+grid's levels are the codebook. The codebooks are registered in ``setup`` — before Lightning
 builds the optimizer — so the optimizer fine-tunes them in the same fit, each centroid receiving the sum
 of its weights' gradients; assignments stay fixed. ``LitClassifier`` / ``CompressionState`` enforce this
 at every step and save codebooks and indices in every checkpoint.
@@ -62,7 +63,7 @@ class QuantizationArgs(StrictArgs):
     bias_bits: int | None = None  # share the selected layers' biases too (those of > 4 * 2**bias_bits entries)
     seed: int = 0  # seed of forgy (k-means is deterministic, so every DDP rank agrees)
     max_iter: int = MAX_ITER  # Lloyd iterations at most
-    budget: float | None = None  # bits "auto": validation top-1 error allowed above the model's own, in points
+    budget: float | None = None  # bits "auto": expected validation top-1 error allowed above the model's, in points
     val_batches: int | None = None  # bits "auto": validation batches per search trial (None: the whole split)
 
     @model_validator(mode="after")
@@ -233,9 +234,9 @@ class Quantization(Callback):
         masks = {name: mask for name, mask in pl_module.masks.items() if name in params}
         weights = [name for name in params if name.endswith(".weight")]
         evaluate = self._evaluator(trainer, pl_module)
-        base = evaluate()
-        log.info(f"Quantization (bits auto): validation top-1 error {base:.2f} % at epoch {trainer.current_epoch}; "
-                 f"searching grids for the smallest file within +{self.budget:g} points")
+        top1, base = evaluate()
+        log.info(f"Quantization (bits auto): validation top-1 error {top1:.2f} %, expected {base:.3f} % at epoch "
+                 f"{trainer.current_epoch}; searching grids for the smallest file within +{self.budget:g} points")
         arch = self.export["arch"] or {"type": type(model).__name__, "args": {}}
         export = {k: v for k, v in self.export.items() if k != "arch"}
         with tempfile.TemporaryDirectory() as scratch:
@@ -246,11 +247,11 @@ class Quantization(Callback):
                 return path.stat().st_size
 
             with torch.no_grad():
-                setting, error, size, state = ptq.search_grids(params, masks, weights, evaluate, size_of,
-                                                               base + self.budget, log.info)
+                setting, error, size, state = ptq.search_grids(params, masks, weights, lambda: evaluate()[1],
+                                                               size_of, base + self.budget, log.info)
         if trainer.world_size > 1:  # every rank searched the same data deterministically; rank 0's result rules
             state = trainer.strategy.broadcast(state, src=0)
-        metrics: dict[str, float] = {"quant/auto/val_top1_err": error, "quant/auto/file_bytes": size}
+        metrics: dict[str, float] = {"quant/auto/val_expected_err": error, "quant/auto/file_bytes": size}
         for name in params:
             codebook, index = state["codebooks"][name], state["indices"][name]
             if len(codebook) > 2 ** AUTO_BITS:
@@ -262,35 +263,32 @@ class Quantization(Callback):
             metrics.update({f"quant/{label}/clusters": len(codebook), f"quant/{label}/step": setting[name]})
             log.info(f"Quantized {label}: {int(state['masks'][name].sum()):,} weights on a grid of step "
                      f"{setting[name]:.4g}, {len(codebook)} levels")
-        log.info(f"Quantization (bits auto): {ptq.describe(setting)}: {error:.2f} % validation error, "
+        log.info(f"Quantization (bits auto): {ptq.describe(setting)}: {error:.3f} % expected validation error, "
                  f"{size:,} bytes before fine-tuning")
         return metrics
 
     def _evaluator(self, trainer: pl.Trainer, pl_module: LitClassifier):
-        """The model's validation top-1 error (%) as it is now, over the whole validation split (or
-        ``val_batches``) on this rank, in eval mode."""
+        """The model's (top-1, expected top-1) validation errors in % as it is now (``ptq.errors``), over the whole
+        validation split (or ``val_batches``) on this rank, in eval mode."""
         datamodule = trainer.datamodule
         loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
         if loader is None or len(loader) == 0:
             raise ValueError('Quantization (bits auto) needs a validation split (data_loader.args.validation_split)')
 
-        @torch.no_grad()
-        def evaluate() -> float:
-            was_training, wrong, total = pl_module.training, 0, 0
+        def batches():
+            for i, batch in enumerate(loader):
+                if self.val_batches is not None and i >= self.val_batches:
+                    return
+                batch = [part.to(pl_module.device) for part in batch]
+                yield datamodule.on_after_batch_transfer(batch, 0) if datamodule is not None else batch
+
+        def evaluate() -> tuple[float, float]:
+            was_training = pl_module.training
             pl_module.eval()
             try:
-                for i, batch in enumerate(loader):
-                    if self.val_batches is not None and i >= self.val_batches:
-                        break
-                    batch = [part.to(pl_module.device) for part in batch]
-                    if datamodule is not None:  # e.g. uint8 images normalised on the device
-                        batch = datamodule.on_after_batch_transfer(batch, 0)
-                    x, y = batch
-                    wrong += int((pl_module.model(x).argmax(1) != y).sum())
-                    total += len(y)
+                return ptq.errors(pl_module.model, batches())
             finally:
                 pl_module.train(was_training)
-            return 100.0 * wrong / max(total, 1)
 
         return evaluate
 
