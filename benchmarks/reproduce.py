@@ -10,6 +10,7 @@ check that the file alone gives the error the run reported.
     python benchmarks/reproduce.py --dataset mnist --data-dir /data/mnist
     python benchmarks/reproduce.py --kinds pipeline,beyond         # also ours beyond the paper
     python benchmarks/reproduce.py --from-runs runs/reproduce/*/*    # tables from finished runs, no training
+    python benchmarks/reproduce.py --kinds beyond --seeds 42,1,2      # each recipe three times: means, each seed listed
 
 Into ``--out``: ``<model>_<dataset>_<recipe>.json`` per run, ``table1.md`` (ours, then the paper's MNIST
 rows in a table of their own), ``table23.md`` (per layer) and ``rate_vs_error.png``. The ``train.py`` / ``test.py``
@@ -41,6 +42,8 @@ KINDS = ("pipeline", "beyond")  # the paper-faithful recipes, and ours beyond th
 REQUIRED = ("model", "dataset", "recipe", "dense_top1_err", "top1_err", "dcz_bytes", "dense_bytes", "rate", "wall_s")
 NUMBERS = REQUIRED[3:]  # dense_top1_err may be null: a recipe that prunes from epoch 0 has no dense stage
 EXTRA = ("rate_p", "rate_pq", "rate_pqh", "pruned_top1_err", "stages")
+SEED_KEYS = ("dense_top1_err", "pruned_top1_err", "top1_err", "dcz_top1_err", "dcz_bytes", "rate", "rate_p",
+             "rate_pq", "rate_pqh", "wall_s")  # what a row of several seeds averages, and lists per seed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the curve as they are (no run folder: no per-layer table, no file check)")
     parser.add_argument("--from-runs", nargs="+", default=None, metavar="RUN_DIR",
                         help="skip training: build the tables from these finished run folders")
+    parser.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                        help="train each recipe once per seed (--set seed=S); a row is then the mean of its runs, "
+                             "each seed's figures listed (default: the recipe's seed, once)")
     parser.add_argument("--no-check", action="store_true", default=False,
                         help="skip the test.py evaluation of each model.dcz (dcz_top1_err is then null)")
     return parser
@@ -165,17 +171,65 @@ def run_folders(args: argparse.Namespace, data_dir: Path | None) -> list[Path]:
     if args.from_runs:
         return [Path(p).expanduser().resolve() for p in args.from_runs]
     recipes, save_dir, runs = recipes_to_run(args), Path(args.save_dir).expanduser().resolve(), []
-    for recipe in recipes:
+    seeds = parse_seeds(args.seeds)
+    for recipe, seed in [(r, s) for r in recipes for s in seeds]:
         try:
-            runs.append(train(recipe, args.overrides, save_dir, data_dir))
+            runs.append(train(recipe, args.overrides + ([] if seed is None else [f"seed={seed}"]), save_dir,
+                              data_dir))
         except ReproduceError as err:  # the runs before it are done: say where
             done = f"; finished runs (tables with --from-runs): {' '.join(map(str, runs))}" if runs else ""
             raise ReproduceError(f"{err}{done}") from None
     return runs
 
 
+def parse_seeds(text: str | None) -> list[int | None]:
+    """``--seeds 42,1,2`` as integers (None: the recipe's own seed, one run).
+
+    Raises:
+        ReproduceError: not a comma-separated list of distinct integers.
+    """
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ReproduceError(f"--seeds {text!r}: expected distinct integers separated by commas, e.g. 42,1,2")
+    return seeds
+
+
+def run_seed(run: Path) -> int | None:
+    """The seed a run trained with (its ``config.json``), None when it does not say."""
+    try:
+        seed = json.loads((run / "config.json").read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def merge_seeds(rows: list[dict[str, Any]], seeds: list[int | None], runs: list[Path]) -> dict[str, Any]:
+    """One row from runs of one recipe with different seeds: the first run's row with the mean of each of
+    ``SEED_KEYS`` and ``seeds``: each run's seed, folder and figures.
+
+    Raises:
+        ReproduceError: two runs with the same (or an unknown) seed.
+    """
+    if None in seeds or len(set(seeds)) < len(seeds):
+        raise ReproduceError(f"several runs of {rows[0]['recipe']} with the same or an unknown seed "
+                             f"({', '.join(map(str, runs))}): pass one run of each seed")
+    merged = dict(rows[0])
+    for key in SEED_KEYS:
+        values = [r.get(key) for r in rows]
+        merged[key] = None if any(v is None for v in values) else sum(values) / len(values)
+    merged["seeds"] = [{"seed": seed, "run": str(run), **{k: r.get(k) for k in SEED_KEYS}}
+                       for seed, run, r in zip(seeds, runs, rows)]
+    return merged
+
+
 def collect(args: argparse.Namespace, commit: str) -> tuple[list[dict[str, Any]], list[tuple[Path, dict, dict]]]:
-    """Trains (or takes ``--from-runs``), checks each model.dcz; returns the rows and (run, summary, report)s."""
+    """Trains (or takes ``--from-runs``), checks each model.dcz; returns the rows (one per recipe: runs of one
+    recipe with different seeds make one row, ``merge_seeds``) and each recipe's first (run, summary, report)."""
     if args.from_runs and args.recipe:
         raise ReproduceError("--from-runs builds tables from finished runs and --recipe trains new ones: pick one")
     data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
@@ -184,17 +238,18 @@ def collect(args: argparse.Namespace, commit: str) -> tuple[list[dict[str, Any]]
     runs = run_folders(args, data_dir)
     loaded = [(run, *load_run(run, need_dcz=not args.no_check)) for run in runs]
     rows = [result_row(summary, None, commit) for _, summary, _ in loaded]
-    names = [row_file(r) for r in rows]
-    if len(set(names)) < len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ReproduceError(f"several runs of one model, dataset and recipe would each write {', '.join(twice)}: "
-                             "pass one run of each")
     for (run, _, _), row in zip(loaded, [] if args.no_check else rows):
         row["dcz_top1_err"] = evaluate_dcz(run / "model.dcz", data_dir)
         if mismatch(row):
             print(f"warning: {run / 'model.dcz'}: test.py gives top-1 error {row['dcz_top1_err']:.2f} %, "
                   f"summary.json {row['top1_err']:.2f} %", file=sys.stderr)
-    return rows, loaded
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row_file(row), []).append(i)
+    merged = [rows[ids[0]] if len(ids) == 1 else
+              merge_seeds([rows[i] for i in ids], [run_seed(loaded[i][0]) for i in ids], [loaded[i][0] for i in ids])
+              for ids in groups.values()]
+    return merged, [loaded[ids[0]] for ids in groups.values()]  # per-layer tables: each recipe's first run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,10 @@ def table1(rows: list[dict[str, Any]], commit: str, command: str) -> str:
         lines.append(f"| {_network(r)} | {r['dataset']} | {r['recipe']} | {_err(r['dense_top1_err'])} → "
                      f"{_err(r['top1_err'])} | {_err(r['pruned_top1_err'])} | {check} | {_kb(r['dense_bytes'])} → "
                      f"{_kb(r['dcz_bytes'])} | **{_rate(r['rate'])}** | {paper} | {wall} |")
+    for r in (r for r in rows if r.get("seeds")):
+        runs = "; ".join(f"seed {s['seed']}: {_err(s['top1_err'] if s['dcz_top1_err'] is None else s['dcz_top1_err'])}"
+                         f", {s['dcz_bytes']:,.0f} bytes ({_rate(s['rate'])})" for s in r["seeds"])
+        lines += ["", f"{r['recipe']}: the mean of {len(r['seeds'])} runs (file error, file bytes): {runs}."]
     lines += ["", ("Compression rate: float32 bytes of all parameters over the bytes of `model.dcz` on disk "
                    "(header, codebooks, biases included). P / P+Q / P+Q+H: the paper's accounting (coded bits of "
                    "every tensor against 32 bits per weight: pruning, + quantization, + Huffman coding), the one "

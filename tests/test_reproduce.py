@@ -128,10 +128,29 @@ def test_no_check_and_runs_that_would_share_a_file(tmp_path: Path, idx_dir: Path
     assert reproduce.main(["--from-runs", str(run), *out]) == 2
     assert "has no model.dcz to check (pass --no-check" in capsys.readouterr().err
     assert reproduce.main(["--from-runs", str(run), str(run), "--no-check", *out]) == 2
-    assert "would each write lenet300_fashionmnist_tiny300.json" in capsys.readouterr().err
+    assert "several runs of tiny300 with the same or an unknown seed" in capsys.readouterr().err
     assert reproduce.main(["--from-runs", str(run), "--no-check", *out]) == 0
     row = json.loads((tmp_path / "out" / "lenet300_fashionmnist_tiny300.json").read_text())
     assert row["dcz_top1_err"] is None and "mismatch" not in (tmp_path / "out" / "table1.md").read_text()
+
+
+def test_runs_of_one_recipe_with_different_seeds_make_one_row_of_means(tmp_path: Path, idx_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [fake_run(tmp_path / "runs" / name, idx_dir, "LeNet300", "tiny300", capsys, offset=off)
+            for name, off in (("a", 0.0), ("b", 0.02))]
+    for seed, run in zip((7, 8), runs):
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**cfg, "seed": seed}))
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    (runs[1] / "summary.json").write_text(json.dumps({**summary, "dcz_bytes": summary["dcz_bytes"] + 100}))
+    assert reproduce.main(["--from-runs", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    row = json.loads((tmp_path / "out" / "lenet300_fashionmnist_tiny300.json").read_text())
+    assert [s["seed"] for s in row["seeds"]] == [7, 8] and row["dcz_bytes"] == summary["dcz_bytes"] + 50
+    assert row["top1_err"] == pytest.approx((row["seeds"][0]["top1_err"] + row["seeds"][1]["top1_err"]) / 2)
+    table = (tmp_path / "out" / "table1.md").read_text()
+    assert "tiny300: the mean of 2 runs (file error, file bytes): seed 7: " in table
+    assert reproduce.main(["--seeds", "1,1", "--out", str(tmp_path / "o2")]) == 2
+    assert "--seeds '1,1': expected distinct integers" in capsys.readouterr().err
 
 
 PIPELINE = "summary.json" in (ROOT / "train.py").read_text()
