@@ -9,7 +9,8 @@ epochs shifted to start at 0: the same schedule, the same learning rates) from t
 switching one technique on at a time:
 
 1. ``paper``: the paper-faithful recipe's keep ratios and bits (``*_pipeline.json``), Huffman coding;
-2. ``+ sparser, fewer bits``: the beyond recipe's keep ratios and bits, still Huffman, no teacher;
+2. ``+ sparser, fewer bits``: the beyond recipe's keep ratios, k-means at ``KMEANS_BITS`` (3-5 bits, trained from
+   epoch 50: the recipe's quantization until searched grids replaced it), still Huffman, no teacher;
 3. ``+ distillation``: the dense model teaches the compressed one (``Distillation``);
 3b. ``+ <Arch> teacher`` (when the recipe names a ``Distillation.teacher``, or ``--teacher CKPT`` gives one): that
    other network teaches instead; a config is trained once into ``--save-dir``/teacher, as train.py trains it
@@ -18,11 +19,11 @@ switching one technique on at a time:
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
    error is the file's, biases rounded);
-6. ``+ shared biases``: that cycle trained again with the recipe's ``Quantization.bias_bits`` (the long
-   biases share a fine-tuned codebook), range-coded with float16 for the short ones: the beyond recipe's
-   compression cycle as shipped.
+6. ``+ searched grids, context codec``: that cycle trained again with the recipe's own quantization (``bits:
+   "auto"``: weights and biases on uniform grids searched under a validation budget) and export (``context``
+   codec, float16 for what stays raw): the beyond recipe's compression cycle as shipped.
 
-Rows 1-5 run without ``bias_bits`` (their biases are stored raw).
+Rows 1-5 store their biases raw.
 
 ``--scales`` adds points to the curve: both recipes with every keep ratio times each scale (1.0 is the
 table's rows). Into ``--out``: ``ablation_<model>.md``, ``ablation_<model>.json``, ``rate_vs_error_<model>.png``.
@@ -77,6 +78,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The k-means quantization of rows 2-5 (the beyond recipes' until searched grids replaced it, commit 46e76b3).
+KMEANS_BITS = {"LeNet300": {"fc1": 3, "fc2": 4, "fc3": 5}, "LeNet5": {"Conv2d": 5, "fc1": 3, "fc2": 4}}
+KMEANS = {"init": "linear", "epoch": 50, "lr": 0.01}
+
+
 def read_recipe(model: str, kind: str) -> dict[str, Any]:
     return json.loads((ROOT / "configs" / f"{model}_fashionmnist_{kind}.json").read_text())
 
@@ -87,11 +93,12 @@ def first_compression_epoch(cfg: dict[str, Any]) -> int:
                + ([cbs["Distillation"]["epoch"]] if "Distillation" in cbs else []))
 
 
-def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float], bits: dict[str, int],
-                      distill: bool, codec: str, shared_biases: bool = False,
-                      teacher: str | None = None) -> dict[str, Any]:
-    """The beyond recipe's compression epochs as a run of their own from ``dense``, with these targets (and its
-    ``bias_bits`` only with ``shared_biases``, stored with its ``raw_dtype``; otherwise raw float32 biases).
+def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict[str, float],
+                      bits: dict[str, int] | None, distill: bool, codec: str, teacher: str | None = None
+                      ) -> dict[str, Any]:
+    """The beyond recipe's compression epochs as a run of their own from ``dense``, with these keep ratios and
+    k-means ``bits`` (``KMEANS``, raw float32 biases), or with ``bits=None`` the recipe's own quantization and
+    its ``raw_dtype``.
     With ``distill``, the checkpoint ``teacher`` teaches, else the dense model itself (the recipe's own
     ``Distillation.teacher`` never: a config would be trained again by every row)."""
     cfg = copy.deepcopy(beyond)
@@ -99,9 +106,9 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     cbs = cfg["trainer"]["callbacks"]
     cbs["IterativePruning"].update(keep_ratio=keep, start_epoch=cbs["IterativePruning"]["start_epoch"] - shift,
                                    end_epoch=cbs["IterativePruning"]["end_epoch"] - shift)
-    cbs["Quantization"].update(bits=bits, epoch=cbs["Quantization"]["epoch"] - shift)
-    if not shared_biases:
-        cbs["Quantization"].pop("bias_bits", None)
+    if bits is not None:
+        cbs["Quantization"] = {"bits": bits, **KMEANS}
+    cbs["Quantization"]["epoch"] -= shift
     if distill:
         cbs["Distillation"]["epoch"] -= shift
         cbs["Distillation"].pop("teacher", None)
@@ -122,7 +129,7 @@ def compression_cycle(beyond: dict[str, Any], dense: Path, name: str, keep: dict
     elif sched:
         raise ReproduceError(f"{beyond['name']}: ablation rows need a CosineCycles schedule, got {sched.get('type')}")
     cfg.update(name=name, pretrained=str(dense))
-    cfg["export"].update(codec=codec, raw_dtype=beyond["export"].get("raw_dtype", "float32") if shared_biases
+    cfg["export"].update(codec=codec, raw_dtype=beyond["export"].get("raw_dtype", "float32") if bits is None
                          else "float32")
     return cfg
 
@@ -222,7 +229,8 @@ def table(model: str, dense_err: float, rows: list[dict[str, Any]], commit: str,
              "|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         keep = " / ".join(f"{k} {100 * v:g}%" for k, v in r["keep"].items())
-        bits = " / ".join(f"{k} {v}" for k, v in r["bits"].items())
+        bits = (" / ".join(f"{k} {v}" for k, v in r["bits"].items()) if isinstance(r["bits"], dict)
+                else f"{r['bits']} (searched grids)")
         biases = r.get("raw_dtype", "float32") + (f", long ones {r['bias_bits']}-bit" if r.get("bias_bits") else "")
         teacher = r.get("teacher") or ("itself" if r["distill"] else "no")
         lines.append(f"| {r['recipe']} | {keep} | {bits} | {r['codec']} | {teacher} | {biases} | "
@@ -264,7 +272,7 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
         raise ReproduceError(f"--scales {args.scales!r}: expected positive numbers including 1.0 (the table's "
                              "rows), e.g. 1.0,1.4")
     cbs, paper_cbs = beyond["trainer"]["callbacks"], paper["trainer"]["callbacks"]
-    ours = (cbs["IterativePruning"]["keep_ratio"], cbs["Quantization"]["bits"])
+    ours = (cbs["IterativePruning"]["keep_ratio"], KMEANS_BITS[beyond["arch"]["type"]])
     # (row, keep ratios, bits, distill, teacher checkpoint: None for the dense model itself)
     variants = [("paper", paper_cbs["IterativePruning"]["keep_ratio"], paper_cbs["Quantization"]["bits"], False, None),
                 ("+ sparser, fewer bits", *ours, False, None), ("+ distillation", *ours, True, None)]
@@ -284,13 +292,13 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
                       "teacher": "no" if not distill else "itself" if by is None else label}
             fits.append((tag, compression_cycle(beyond, dense, tag, keep, bits, distill, "huffman", teacher=by),
                          {**fields, "recipe": name, "distill": distill, "codec": "huffman"}))
-            if name == last_taught:  # then shared biases (trained): the recipe as shipped, the curve's point for ours
-                cfg = compression_cycle(beyond, dense, tag + "_biases", keep, bits, True, "range", shared_biases=True,
-                                        teacher=by)
-                fits.append((tag + "_biases", cfg, {
-                    **fields, "last_taught": False, "recipe": "+ shared biases", "distill": True, "codec": "range",
-                    "raw_dtype": cfg["export"]["raw_dtype"], "shipped": True,
-                    "bias_bits": cfg["trainer"]["callbacks"]["Quantization"].get("bias_bits")}))
+            if name == last_taught:  # then the recipe's quantization and codec: as shipped, the curve's point for ours
+                codec = beyond["export"].get("codec", "huffman")
+                cfg = compression_cycle(beyond, dense, tag + "_grids", keep, None, True, codec, teacher=by)
+                fits.append((tag + "_grids", cfg, {
+                    **fields, "last_taught": False, "recipe": "+ searched grids, context codec", "distill": True,
+                    "codec": codec, "raw_dtype": cfg["export"]["raw_dtype"], "shipped": True,
+                    "bits": cfg["trainer"]["callbacks"]["Quantization"]["bits"]}))
     return fits
 
 

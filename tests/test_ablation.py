@@ -35,7 +35,7 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
     callbacks = builders.build_config_callbacks(parsed, builders.build_model(parsed))
     assert [s.name for s in builders.pipeline_stages(parsed, callbacks, Path(".")).stages] == ["prune", "quantize"]
     assert plan_stages(30, [0, 16], 20)[0].name == "prune"
-    # bias_bits and the recipe's raw_dtype only in the last row (the recipe as shipped)
+    # k-means bits and raw float32 biases before the last row (the recipe as shipped)
     assert "bias_bits" not in taught["trainer"]["callbacks"]["Quantization"] and taught["export"]["raw_dtype"] == "float32"
     # the recipe's own teacher (a config every row would train again) never; a checkpoint when given
     assert beyond["trainer"]["callbacks"]["Distillation"]["teacher"].endswith(".json")
@@ -43,9 +43,9 @@ def test_a_row_is_the_compression_cycle_of_the_recipe_from_the_dense_checkpoint(
     other = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range",
                                        teacher="/t/last.ckpt")
     assert other["trainer"]["callbacks"]["Distillation"]["teacher"] == "/t/last.ckpt"
-    shipped = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, {"fc1": 6}, True, "range", True)
-    assert shipped["trainer"]["callbacks"]["Quantization"]["bias_bits"] == \
-        beyond["trainer"]["callbacks"]["Quantization"]["bias_bits"]
+    shipped = ablation.compression_cycle(beyond, Path("d.ckpt"), "row", {"fc1": 0.1}, None, True, "context")
+    quantization = beyond["trainer"]["callbacks"]["Quantization"]
+    assert shipped["trainer"]["callbacks"]["Quantization"] == {**quantization, "epoch": quantization["epoch"] - 30}
     assert shipped["export"]["raw_dtype"] == beyond["export"]["raw_dtype"]
 
 
@@ -65,10 +65,10 @@ def test_plan_lists_every_fit_once_in_table_order() -> None:
     args = ablation.get_args_parser().parse_args(["--scales", "1.0,1.4"])
     fits = ablation.plan_rows(args, beyond, paper, Path("/d/dense.ckpt"))
     assert [tag for tag, _, _ in fits] == [
-        "lenet300_ablation_1", "lenet300_ablation_2", "lenet300_ablation_3", "lenet300_ablation_3_biases",
-        "lenet300_ablation_1_x1.4", "lenet300_ablation_3_x1.4", "lenet300_ablation_3_x1.4_biases"]
+        "lenet300_ablation_1", "lenet300_ablation_2", "lenet300_ablation_3", "lenet300_ablation_3_grids",
+        "lenet300_ablation_1_x1.4", "lenet300_ablation_3_x1.4", "lenet300_ablation_3_x1.4_grids"]
     assert [f["recipe"] for _, _, f in fits[:4]] == ["paper", "+ sparser, fewer bits", "+ distillation",
-                                                     "+ shared biases"]
+                                                     "+ searched grids, context codec"]
     assert all(cfg["name"] == tag for tag, cfg, _ in fits)
     ours = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
     assert fits[5][2]["keep"] == ablation.scaled(ours, 1.4) and fits[5][2]["distill"]
@@ -82,7 +82,7 @@ def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Pat
     teacher.write_bytes(b"")  # its config is read from the run folder: the weights are never loaded here
     fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), str(teacher))
     assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
-                                                 "+ LeNet5 teacher", "+ shared biases"]
+                                                 "+ LeNet5 teacher", "+ searched grids, context codec"]
     assert [f["teacher"] for _, _, f in fits] == ["no", "no", "itself", "LeNet5", "LeNet5"]
     assert [cfg["trainer"]["callbacks"].get("Distillation", {}).get("teacher") for _, cfg, _ in fits] == [
         None, None, None, str(teacher), str(teacher)]
