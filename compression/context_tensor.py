@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from compression import context_codec, huffman
-from compression.sparse_index import AUTO_INDEX_BITS, check_index_bits
-from compression.tensor_entry import MAX_CLUSTERS, TensorStats, int_field, numel_of, section_of, values_of
+from compression.tensor_entry import (MAX_CLUSTERS, TensorStats, fixed_width_layout, int_field, numel_of, section_of,
+                                      values_of)
 
 _F32, _F16, _GRID = 0, 1, 2
 _GRID_HEAD = struct.Struct("<fii")
@@ -126,16 +126,8 @@ def context_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebo
         stats.weight_bits_huffman = 8 * len(data) / n  # positions and values share one stream: all here
         stats.weight_entropy = huffman.entropy_bits(np.bincount(symbols, minlength=k)) / n
     entry.update(nb=nb, up=up)
-    # The paper's P and P+Q figures are fixed-width layouts, whatever the coder (as range-v1 reports them).
-    widths = AUTO_INDEX_BITS if index_bits == "auto" else [check_index_bits(index_bits)]
-    skipped = np.diff(positions, prepend=-1) - 1
-    k_bits = stats.clusters
-    def layout(b: int) -> tuple[int, int, float]:
-        fill = int((skipped >> b).sum())
-        bits = float(max(1, math.ceil(math.log2(k_bits + (fill > 0))))) if codebook is not None else 32.0
-        return kept + fill, b, bits
-
-    stats.pq_entries, stats.index_bits, stats.weight_bits = min(map(layout, widths), key=lambda e: e[0] * (e[1] + e[2]))
+    stats.pq_entries, stats.index_bits, stats.weight_bits = fixed_width_layout(positions, stats.clusters,
+                                                                               codebook is not None, index_bits)
     stats.bytes = sum(len(data) for _, data in sections)
     return entry, sections, stats
 

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from compression import huffman, range_codec
-from compression.sparse_index import AUTO_INDEX_BITS, check_index_bits
-from compression.tensor_entry import (MAX_CLUSTERS, TensorStats, codebook_of, f32_bytes, int_field, numel_of,
-                                      section_of, values_of)
+from compression.tensor_entry import (MAX_CLUSTERS, TensorStats, codebook_of, f32_bytes, fixed_width_layout, int_field,
+                                      numel_of, section_of, values_of)
 
 
 def range_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook: torch.Tensor | None,
@@ -50,16 +49,8 @@ def range_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook
         stats.weight_bits = float(max(1, math.ceil(math.log2(k))))
         stats.weight_bits_huffman = 8 * len(idx_data) / n
         stats.weight_entropy = huffman.entropy_bits(np.bincount(symbols, minlength=k)) / n
-    # The paper's P and P+Q figures are fixed-width layouts, whatever the entropy coder: relative indices of
-    # ``index_bits`` with their fillers, as the Huffman path would store them before coding.
-    widths = AUTO_INDEX_BITS if index_bits == "auto" else [check_index_bits(index_bits)]
-    skipped = np.diff(positions, prepend=-1) - 1  # zeros before each kept weight: (skipped >> b) fillers at b bits
-    def layout(b: int) -> tuple[int, int, float]:  # (entries, index bits, weight bits) at width b
-        fill = int((skipped >> b).sum())  # as the Huffman path counts: a filler takes a symbol of its own
-        bits = float(max(1, math.ceil(math.log2(k + (fill > 0))))) if codebook is not None else stats.weight_bits
-        return kept + fill, b, bits
-
-    stats.pq_entries, stats.index_bits, stats.weight_bits = min(map(layout, widths), key=lambda e: e[0] * (e[1] + e[2]))
+    stats.pq_entries, stats.index_bits, stats.weight_bits = fixed_width_layout(positions, stats.clusters,
+                                                                               codebook is not None, index_bits)
     stats.bytes = sum(len(data) for _, data in sections)
     return entry, sections, stats
 

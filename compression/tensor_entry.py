@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from compression.sparse_index import AUTO_INDEX_BITS, check_index_bits
+
 HUFFMAN = "huffman-v1"  # the file tag of an entry without a "codec" field: the paper's layout
 MAX_CLUSTERS = 1 << 16  # 2**compression.quantization.MAX_BITS: a range-coded header declaring more is corrupt
 
@@ -78,3 +80,20 @@ def codebook_of(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[np.n
     if len(book) != 4 * k or k < 1:
         raise ValueError(f"{entry.get('name')}: codebook has {len(book)} bytes for {k} clusters")
     return np.frombuffer(book, "<f4").astype(np.float32), k
+
+
+def fixed_width_layout(positions: np.ndarray, clusters: int, quantized: bool, index_bits: int | str
+                       ) -> tuple[int, int, float]:
+    """The paper's P / P+Q accounting whatever the entropy coder: ``(entries, index bits, weight bits)`` of the
+    cheapest fixed-width layout at ``index_bits`` (``"auto"``: each of ``AUTO_INDEX_BITS``), relative indices with
+    their fillers as the Huffman path stores them before coding (a filler takes a symbol of its own); an
+    unquantized tensor's weights are 32 bits."""
+    widths = AUTO_INDEX_BITS if index_bits == "auto" else [check_index_bits(index_bits)]
+    skipped = np.diff(positions, prepend=-1) - 1  # zeros before each kept weight: (skipped >> b) fillers at b bits
+
+    def layout(b: int) -> tuple[int, int, float]:
+        fill = int((skipped >> b).sum())
+        bits = float(max(1, math.ceil(math.log2(clusters + (fill > 0))))) if quantized else 32.0
+        return len(positions) + fill, b, bits
+
+    return min(map(layout, widths), key=lambda e: e[0] * (e[1] + e[2]))
