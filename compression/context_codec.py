@@ -1,8 +1,8 @@
 """Context-adaptive coding of a pruned / quantized tensor (beyond Deep Compression §4, whose streams are Huffman-coded).
 
 Codec ``ctx-v1``, in the spirit of DeepCABAC (Wiedemann et al. 2020, the coder of MPEG's NNR standard): every
-weight's *significance* (kept or pruned) and every kept weight's *value* are coded with binary adaptive
-probabilities chosen by what the decoder already knows about the weight's neighbourhood, so no code table is
+weight's *significance* (kept or pruned) and every kept weight's *value* are coded with adaptive probabilities
+chosen by what the decoder already knows about the weight's neighbourhood, so no code table is
 stored and the spatial structure of a layer is paid for once. The tensor is viewed as ``(R, C)``: its rows are
 the output units (``shape[0]``), its columns the inputs (``fc1``: the 784 pixels of a 28x28 image; a conv
 weight: ``in x kh x kw``). The coder walks the columns in lock step, one column of all rows per step, so a step
@@ -15,14 +15,14 @@ is a few vectorised calls; weight ``(r, j)``'s contexts are:
   weight's (mutual information on a sample of rows); ``d = 0``: no up neighbour.
 - **value**: its symbol (an index into the ascending codebook) as a *signed rank* (``+1`` the smallest
   non-negative centroid, ``-1`` the largest negative one, ...): a sign bit (contexts: the signs of the two
-  neighbours), then a truncated unary magnitude ``|rank| > t`` for ``t = 1 .. UNARY`` (contexts: ``t`` and the
-  neighbours' magnitudes, capped at 3), then the rest as an exp-Golomb code (exponent in adaptive bins, mantissa
-  uniform). For a uniform quantizer the rank is the level.
+  neighbours), then the magnitude ``|rank|`` in ``1 .. UNARY`` (or "more") as one adaptive categorical symbol
+  (contexts: the neighbours' magnitudes, capped at 3), then, beyond ``UNARY``, the rest as an exp-Golomb code
+  (exponent in adaptive bins, mantissa uniform). For a uniform quantizer the rank is the level.
 
 ``nb = 0`` in the header turns the neighbour contexts off (small or structureless tensors, where learning them
 costs more than they save); the encoder codes each tensor both ways and keeps the shorter. Probabilities are
-Krichevsky-Trofimov estimates ``(n1 + 0.4) / (n + 0.8)`` of integer counts, updated after each step: ratios of
-integers, so two machines build bit-identical models. The stream ends in the CRC32 of the decoded ``(C, R)``
+Krichevsky-Trofimov estimates (``(n1 + 0.4) / (n + 0.8)`` for a bit, ``(n_s + 1/2) / (n + K/2)`` for a symbol)
+of integer counts, updated after each slice of a step: ratios of integers, so two machines build bit-identical models. The stream ends in the CRC32 of the decoded ``(C, R)``
 rank array (``range_codec.Coder``), and decoding allocates one ``int32`` per weight, as the dense tensor does.
 """
 
