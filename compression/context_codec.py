@@ -197,11 +197,12 @@ def _best_up(mask: np.ndarray, shape: list[int] | tuple[int, ...]) -> int:
         divisors = [d for d in range(2, 65) if cols % d == 0]
         candidates = set(divisors) | {d * d for d in divisors}
     candidates = sorted(d for d in candidates if 2 <= d < min(cols, MAX_UP + 1))
-    sample = mask[:256].astype(np.int64)
+    sample = np.ascontiguousarray(mask[:256], dtype=bool)
     best, best_info = 0, 1e-3  # below ~a thousandth of a bit per weight: not worth the contexts
     for d in candidates:
-        a, b = sample[:, d:].ravel(), sample[:, :-d].ravel()
-        joint = np.bincount(2 * a + b, minlength=4).reshape(2, 2) / max(len(a), 1)
+        a, b = sample[:, d:], sample[:, :-d]  # counted in place: no copy of the sample per candidate
+        n, n11, na, nb = a.size, np.count_nonzero(a & b), np.count_nonzero(a), np.count_nonzero(b)
+        joint = np.array([[n - na - nb + n11, nb - n11], [na - n11, n11]]) / max(n, 1)
         pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
         nz = joint > 0
         info = float((joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])).sum())
@@ -236,7 +237,7 @@ def encode(positions: np.ndarray, ranks: np.ndarray | None, shape: list[int], ne
         if len(ranks) != len(positions) or np.any(ranks == 0) or np.any(ranks < -negatives) or np.any(ranks > positives):
             raise ValueError(f"ranks must be one per position, non-zero, in [-{negatives}, {positives}]")
         table[positions % cols, positions // cols] = ranks
-    up = _best_up(table.T != 0, shape) if numel else 0
+    up = _best_up(table[:, :256].T != 0, shape) if numel else 0  # its sample: the first 256 rows
     modes = list(dict.fromkeys([(False, 0), (True, 0), (True, up)]))  # each once, in this order
     if rows > _TRIAL_ROWS and numel > _TRIAL_NUMEL:  # a large tensor: each mode tried on a sample of its rows
         sample = np.ascontiguousarray(table[:_TRIAL_COLUMNS, :: rows // _TRIAL_ROWS])  # steps cost, not rows
