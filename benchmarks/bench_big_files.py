@@ -20,6 +20,7 @@ included); the prediction is the paper's accounting from the kept counts alone: 
 
     python benchmarks/bench_big_files.py                          # both models, the recipes' index bits
     python benchmarks/bench_big_files.py --models alexnet --index-bits paper   # AlexNet 4, VGG-16 5 bits
+    python benchmarks/bench_big_files.py --models alexnet --codec context      # the ctx-v1 coder's cost
 """
 
 from __future__ import annotations
@@ -112,14 +113,14 @@ def step_prepare(model: str, work: Path) -> dict[str, Any]:
             "ckpt_bytes": (work / f"{model}.ckpt").stat().st_size}
 
 
-def step_encode(model: str, work: Path, index_bits: str) -> dict[str, Any]:
+def step_encode(model: str, work: Path, index_bits: str, codec: str = "huffman") -> dict[str, Any]:
     from builders import encode_run_checkpoint
 
     bits: Any = int(index_bits) if index_bits.isdigit() else index_bits
     cfg = recipe_config(model)
     base, start, cpu = peak_mib(), time.perf_counter(), cpu_s()
     out, report = encode_run_checkpoint(work / f"{model}.ckpt", work / f"{model}.dcz", cfg,
-                                        cfg.export.model_copy(update={"index_bits": bits, "codec": "huffman",
+                                        cfg.export.model_copy(update={"index_bits": bits, "codec": codec,
                                                                       "raw_dtype": "float32"}))
     wall, cpu = time.perf_counter() - start, cpu_s() - cpu
     rows = {r["layer"]: {"index_bits": r["index_bits_pq"], "fillers": r["fillers"],
@@ -179,7 +180,7 @@ def child(args: argparse.Namespace) -> int:
     if args.child == "prepare":
         result = step_prepare(args.model, work)
     elif args.child == "encode":
-        result = step_encode(args.model, work, args.index_bits)
+        result = step_encode(args.model, work, args.index_bits, args.codec)
     elif args.child == "verify":
         result = step_verify(args.model, work)
     else:
@@ -190,9 +191,10 @@ def child(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def run_child(step: str, model: str, work: Path, threads: int, index_bits: str = "auto") -> dict[str, Any]:
+def run_child(step: str, model: str, work: Path, threads: int, index_bits: str = "auto", codec: str = "huffman"
+              ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", step, "--model", model, "--workdir", str(work),
-           "--threads", str(threads), "--index-bits", index_bits]
+           "--threads", str(threads), "--index-bits", index_bits, "--codec", codec]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"step {step} of {model} failed:\n{proc.stderr[-3000:]}")
@@ -217,17 +219,17 @@ def index_bits_for(model: str, choice: str) -> str:
     return str(PAPER_INDEX_BITS[model]) if choice == "paper" else choice
 
 
-def bench(model: str, work: Path, threads: int, choices: list[str]) -> list[dict[str, Any]]:
+def bench(model: str, work: Path, threads: int, choices: list[str], codec: str = "huffman") -> list[dict[str, Any]]:
     prepared = run_child("prepare", model, work, threads)
     verified = run_child("verify", model, work, threads)
     rows = []
     for choice in choices:
         index_bits = index_bits_for(model, choice)
-        encoded = run_child("encode", model, work, threads, index_bits)
+        encoded = run_child("encode", model, work, threads, index_bits, codec)
         decoded = run_child("decode", model, work, threads)
         rate, _ = predicted_rate(prepared["layers"], encoded)
         mib = prepared["dense_bytes"] / 2 ** 20
-        rows.append({"model": model, "index_bits": index_bits, "parameters": prepared["parameters"],
+        rows.append({"model": model, "codec": codec, "index_bits": index_bits, "parameters": prepared["parameters"],
                      "dense_mib": mib, "ckpt_mib": prepared["ckpt_bytes"] / 2 ** 20,
                      "kept_pct": 100 * sum(lay["kept"] for lay in prepared["layers"]) /
                      sum(lay["numel"] for lay in prepared["layers"]),
@@ -251,7 +253,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['model']} ({r['parameters']:,} params, {r['dense_mib']:.0f} MiB float32) | {r['index_bits']} | "
+            f"| {r['model']} ({r['parameters']:,} params, {r['dense_mib']:.0f} MiB float32, {r['codec']}) | "
+            f"{r['index_bits']} | "
             f"{r['kept_pct']:.1f} % | {r['file_bytes'] / 2 ** 20:.2f} MiB | {r['rate_file']:.1f}x | "
             f"{r['rate_pq_report']:.1f}x / {r['rate_pq_predicted']:.1f}x | {r['rate_pqh']:.1f}x | "
             f"{r['paper_rate_pq']}x / {r['paper_rate_pqh']}x | {r['encode_s']:.1f} s ({r['encode_cpu_s']:.1f} s) | "
@@ -269,6 +272,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma-separated: config (the recipe's export.index_bits), paper (AlexNet 4, VGG-16 5), "
                              "auto, or a width 1..16")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each step")
+    parser.add_argument("--codec", default="huffman", help="export.codec of the files: huffman, range or context")
     parser.add_argument("--workdir", default=None, help="where the checkpoints and files go (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--child", choices=("prepare", "verify", "encode", "decode"), default=None, help=argparse.SUPPRESS)
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for model in models:
-            rows += bench(model, Path(tmp), args.threads, choices)
+            rows += bench(model, Path(tmp), args.threads, choices, args.codec)
             for path in Path(tmp).glob(f"{model}.*"):
                 path.unlink()
     print(format_rows(rows))
