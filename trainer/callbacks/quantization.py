@@ -70,8 +70,8 @@ class QuantizationArgs(StrictArgs):
     def _auto_needs_budget(self) -> QuantizationArgs:
         if self.bits == "auto":
             if self.budget is None or not self.budget >= 0:
-                raise ValueError(f'bits "auto" needs budget: the validation error allowed above the model\'s own, '
-                                 f"in points (>= 0, e.g. 0.1), got {self.budget!r}")
+                raise ValueError(f'bits "auto" needs budget: the expected validation error allowed above the '
+                                 f"model's own, in points (>= 0, e.g. 0.1), got {self.budget!r}")
             if self.bias_bits is not None:
                 raise ValueError('bias_bits does not apply with bits "auto" (the biases get searched grids too): '
                                  "remove it")
