@@ -15,14 +15,15 @@ from parse_config import ConfigError, parse_config
 from trainer.compression_state import codebook_key
 
 CALLBACKS = {"IterativePruning": {"keep_ratio": 0.2, "start_epoch": 0},
-             "Quantization": {"bits": "auto", "budget": 1.0, "epoch": 1, "val_batches": 2}}
+             "Quantization": {"bits": "auto", "budget": 1.0, "epoch": 1, "val_batches": 1}}
+RESUMED = {**CALLBACKS, "Quantization": {**CALLBACKS["Quantization"], "layers": ["fc3"]}}  # fewer trials
 TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias")
 
 
 def test_auto_bits_searches_grids_fine_tunes_them_and_decodes_bit_exactly(tmp_path: Path, idx_dir: Path) -> None:
     path = write_config(tmp_path, idx_dir, "auto", CALLBACKS, max_epochs=3)
     cfg = json.loads(path.read_text())
-    cfg["export"] = {"codec": "context"}
+    cfg["export"] = {"codec": "range"}  # every trial writes the file: range-v1 is the fastest to write
     path.write_text(json.dumps(cfg))
     assert train.main(["-c", str(path)]) == 0
     run = only_run(tmp_path / "auto")
@@ -38,15 +39,15 @@ def test_auto_bits_searches_grids_fine_tunes_them_and_decodes_bit_exactly(tmp_pa
         if name.endswith(".weight"):  # a weight rounded to 0 joins the pruned ones: the mask never grows
             assert not (mask & ~pruned["masks"][name]).any(), name
     decoded, header = read_compressed(run / "model.dcz")
-    assert {e["name"]: e["codec"] for e in header["tensors"]}["fc1.weight"] == "ctx-v1"
+    assert {e["name"]: e["codec"] for e in header["tensors"]}["fc1.weight"] == "range-v1"
     for name, value in decoded.state_dict().items():
         assert torch.equal(value.view(torch.int32), last["state_dict"][f"model.{name}"].view(torch.int32)), name
 
 
 def test_resume_after_the_search_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    whole, cut = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, CALLBACKS, max_epochs=4, stop_after=2)
-    assert set(TENSORS) <= set(load_ckpt(cut / "last.ckpt")["quant_index"])
+    whole, cut = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, RESUMED, max_epochs=4, stop_after=2)
+    assert set(load_ckpt(cut / "last.ckpt")["quant_index"]) == {"fc3.weight", "fc3.bias"}
     assert_resume_equals_whole(whole, cut)
 
 
