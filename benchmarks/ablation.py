@@ -10,7 +10,8 @@ switching one technique on at a time:
 
 1. ``paper``: the paper-faithful recipe's keep ratios and bits (``*_pipeline.json``), Huffman coding;
 2. ``+ sparser, fewer bits``: the beyond recipe's keep ratios, k-means at ``KMEANS_BITS`` (3-5 bits, trained from
-   epoch 50: the recipe's quantization until searched grids replaced it), still Huffman, no teacher;
+   epoch 50, as the LeNet-5 recipe does and LeNet-300-100's did until searched grids replaced it), still Huffman,
+   no teacher;
 3. ``+ distillation``: the dense model teaches the compressed one (``Distillation``);
 3b. ``+ <Arch> teacher`` (when the recipe names a ``Distillation.teacher``, or ``--teacher CKPT`` gives one): that
    other network teaches instead; a config is trained once into ``--save-dir``/teacher, as train.py trains it
@@ -19,9 +20,10 @@ switching one technique on at a time:
    same weights, so the same error, fewer bytes);
 5. ``+ float16 biases``: the same checkpoint, range-coded with ``export.raw_dtype: "float16"`` too (the
    error is the file's, biases rounded);
-6. ``+ searched grids, context codec``: that cycle trained again with the recipe's own quantization (``bits:
-   "auto"``: weights and biases on uniform grids searched under a validation budget) and export (``context``
-   codec, float16 for what stays raw): the beyond recipe's compression cycle as shipped.
+6. ``+ the recipe's quantization and codec``: that cycle trained again with the recipe's own ``Quantization`` and
+   export (LeNet-300-100: weights and biases on uniform grids searched under a validation budget, ``context``
+   codec; LeNet-5: 4-bit shared long biases, ``range`` codec; float16 for what stays raw): the beyond recipe's
+   compression cycle as shipped.
 
 Rows 1-5 store their biases raw.
 
@@ -78,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The k-means quantization of rows 2-5 (the beyond recipes' until searched grids replaced it, commit 46e76b3).
+# The k-means quantization of rows 2-5 (LeNet-5's recipe's; LeNet-300-100's until searched grids replaced it).
 KMEANS_BITS = {"LeNet300": {"fc1": 3, "fc2": 4, "fc3": 5}, "LeNet5": {"Conv2d": 5, "fc1": 3, "fc2": 4}}
 KMEANS = {"init": "linear", "epoch": 50, "lr": 0.01}
 
@@ -296,8 +298,8 @@ def plan_rows(args: argparse.Namespace, beyond: dict[str, Any], paper: dict[str,
                 codec = beyond["export"].get("codec", "huffman")
                 cfg = compression_cycle(beyond, dense, tag + "_grids", keep, None, True, codec, teacher=by)
                 fits.append((tag + "_grids", cfg, {
-                    **fields, "last_taught": False, "recipe": "+ searched grids, context codec", "distill": True,
-                    "codec": codec, "raw_dtype": cfg["export"]["raw_dtype"], "shipped": True,
+                    **fields, "last_taught": False, "recipe": "+ the recipe's quantization and codec",
+                    "distill": True, "codec": codec, "raw_dtype": cfg["export"]["raw_dtype"], "shipped": True,
                     "bits": cfg["trainer"]["callbacks"]["Quantization"]["bits"]}))
     return fits
 

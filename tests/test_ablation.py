@@ -68,7 +68,7 @@ def test_plan_lists_every_fit_once_in_table_order() -> None:
         "lenet300_ablation_1", "lenet300_ablation_2", "lenet300_ablation_3", "lenet300_ablation_3_grids",
         "lenet300_ablation_1_x1.4", "lenet300_ablation_3_x1.4", "lenet300_ablation_3_x1.4_grids"]
     assert [f["recipe"] for _, _, f in fits[:4]] == ["paper", "+ sparser, fewer bits", "+ distillation",
-                                                     "+ searched grids, context codec"]
+                                                     "+ the recipe's quantization and codec"]
     assert all(cfg["name"] == tag for tag, cfg, _ in fits)
     ours = beyond["trainer"]["callbacks"]["IterativePruning"]["keep_ratio"]
     assert fits[5][2]["keep"] == ablation.scaled(ours, 1.4) and fits[5][2]["distill"]
@@ -82,7 +82,7 @@ def test_another_teacher_adds_its_row_and_teaches_the_shipped_rows(tmp_path: Pat
     teacher.write_bytes(b"")  # its config is read from the run folder: the weights are never loaded here
     fits = ablation.plan_rows(ablation.get_args_parser().parse_args([]), beyond, paper, Path("d.ckpt"), str(teacher))
     assert [f["recipe"] for _, _, f in fits] == ["paper", "+ sparser, fewer bits", "+ distillation",
-                                                 "+ LeNet5 teacher", "+ searched grids, context codec"]
+                                                 "+ LeNet5 teacher", "+ the recipe's quantization and codec"]
     assert [f["teacher"] for _, _, f in fits] == ["no", "no", "itself", "LeNet5", "LeNet5"]
     assert [cfg["trainer"]["callbacks"].get("Distillation", {}).get("teacher") for _, cfg, _ in fits] == [
         None, None, None, str(teacher), str(teacher)]
