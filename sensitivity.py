@@ -196,7 +196,8 @@ def read_recipe(path: str) -> dict[str, Any]:
 
 def proposal_recipe(base: dict[str, Any], fragment: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``base`` with the proposal's targets: its ``IterativePruning`` takes the proposed ``keep_ratio`` (one
-    per layer; its criterion becomes ``magnitude``), its ``Quantization`` the proposed ``bits`` and ``init``;
+    per layer; its criterion becomes ``magnitude``), its ``Quantization`` the proposed ``bits`` and ``init`` (a
+    base with ``bits: "auto"`` loses its ``budget`` and ``val_batches``; its ``epoch`` and ``lr`` stay);
     schedules, distillation, optimizer and export stay the base's. A callback the base lacks is added as the
     proposal has it (one-shot pruning at epoch 0, k-means at epoch 1); one the proposal lacks (no layer
     within the budget) is removed."""
@@ -212,7 +213,8 @@ def proposal_recipe(base: dict[str, Any], fragment: dict[str, dict[str, Any]]) -
             callbacks[name] = {k: v for k, v in callbacks[name].items() if k not in ("sensitivity", "layers")}
             callbacks[name].update(criterion="magnitude", keep_ratio=args["keep_ratio"])
         else:
-            callbacks[name] = {k: v for k, v in callbacks[name].items() if k != "layers"}
+            # a base that searches grids (bits "auto") takes the proposed k-means bits: its search settings go
+            callbacks[name] = {k: v for k, v in callbacks[name].items() if k not in ("layers", "budget", "val_batches")}
             callbacks[name].update(bits=args["bits"], init=args["init"])
     cfg["name"] = f"{base.get('name', 'recipe')}_proposal"
     return cfg

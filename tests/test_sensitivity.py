@@ -133,7 +133,9 @@ def test_recipe_takes_the_proposal_into_its_own_schedule(ckpt: Path, tmp_path: P
     pruning, quant = recipe["trainer"]["callbacks"]["IterativePruning"], recipe["trainer"]["callbacks"]["Quantization"]
     assert pruning["keep_ratio"] == fragment["IterativePruning"]["keep_ratio"] and pruning["schedule"] == "gradual"
     assert (pruning["start_epoch"], pruning["end_epoch"]) == (30, 46)  # the base's schedule, not the proposal's
-    assert quant["bits"] == fragment["Quantization"]["bits"] and quant["epoch"] == 50 and quant["bias_bits"] == 4
+    base_quant = base["trainer"]["callbacks"]["Quantization"]  # searched grids: the proposal's bits replace them
+    assert quant["bits"] == fragment["Quantization"]["bits"] and quant["epoch"] == base_quant["epoch"] == 59
+    assert "budget" not in quant and quant["lr"] == base_quant["lr"]
     assert "Distillation" in recipe["trainer"]["callbacks"]
     assert recipe["name"] == "lenet300_fashionmnist_beyond_proposal"
     assert {k: v for k, v in recipe.items() if k not in ("trainer", "name")} == \
