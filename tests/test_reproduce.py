@@ -143,7 +143,7 @@ def test_runs_of_one_recipe_with_different_seeds_make_one_row_of_means(tmp_path:
         (run / "config.json").write_text(json.dumps({**cfg, "seed": seed}))
     summary = json.loads((runs[1] / "summary.json").read_text())
     (runs[1] / "summary.json").write_text(json.dumps({**summary, "dcz_bytes": summary["dcz_bytes"] + 100}))
-    assert reproduce.main(["--from-runs", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    assert reproduce.main(["--from-runs", *map(str, runs), "--no-check", "--out", str(tmp_path / "out")]) == 0
     row = json.loads((tmp_path / "out" / "lenet300_fashionmnist_tiny300.json").read_text())
     assert [s["seed"] for s in row["seeds"]] == [7, 8] and row["dcz_bytes"] == summary["dcz_bytes"] + 50
     assert row["top1_err"] == pytest.approx((row["seeds"][0]["top1_err"] + row["seeds"][1]["top1_err"]) / 2)
