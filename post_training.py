@@ -4,8 +4,8 @@ For a user who brings a pruned model, as MPEG's NNR does: every weight tensor (a
 whose step is searched, tensor by tensor, for the smallest real file whose validation top-1 error is at most the
 checkpoint's own plus ``budget`` points (``compression.ptq``; the error bounded is the expected top-1 error, the mean
 probability off the true class, far less noisy than the count of wrong answers). Each trial is measured, not
-estimated: the model is evaluated on the validation split and the ``.dcz`` is written and its bytes counted. The config layer: it
-reads the run's config for the data and the architecture.
+estimated: the model is evaluated on the validation split and the ``.dcz`` is written and its bytes counted. The
+config layer: it reads the run's config for the data and the architecture.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
-
 
 import torch
 

@@ -32,7 +32,7 @@ LAMBDAS = (0.0, 0.1, 0.2, 0.4)  # entropy-constrained assignment strengths tried
 ECSQ_ITERATIONS = 4
 
 Setting = dict[str, float]  # tensor name -> step ("lam" -> the assignment strength)
-Measure = Callable[[Setting], tuple[float, int]]  # setting -> (validation top-1 error in %, file bytes)
+Measure = Callable[[Setting], tuple[float, int]]  # setting -> (validation error in %, file bytes)
 State = dict[str, dict[str, torch.Tensor]]  # {"masks" | "codebooks" | "indices": {tensor name: tensor}}
 
 
@@ -162,8 +162,8 @@ def search_grids(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.T
     path and ``Quantization(bits="auto")`` run).
 
     Each trial puts every tensor of ``params`` on its grid in place, then calls ``evaluate`` (the model's
-    expected validation error, in %: ``errors``) and ``size_of`` (the real bytes of the file holding that state). On return the
-    parameters hold the chosen grids' values.
+    expected validation error, in %: ``errors``) and ``size_of`` (the real bytes of the file holding that state).
+    On return the parameters hold the chosen grids' values.
 
     Args:
         params: The tensors to quantize (weights and biases), by name; changed in place.
