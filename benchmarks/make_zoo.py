@@ -7,7 +7,8 @@ For each run folder (its ``summary.json`` and ``model.dcz``): ``zoo/<recipe>.dcz
 (bytes, rate, test top-1 error, the commit that trained it, the command that re-makes it, the file's SHA-256 and
 the SHA-256 of the weights it decodes to) and a golden copy ``tests/fixtures/dcz/<recipe>-<commit>.dcz`` with its
 digest in ``tests/fixtures/dcz/digests.json``: a file once published keeps decoding to the same weights whatever the
-format becomes (``tests/test_zoo.py``). Then the README's zoo table is these rows.
+format becomes (``tests/test_zoo.py``). Rows of ``zoo.json`` for recipes not given stay as they are (one recipe
+re-made updates its row alone). Then the README's zoo table is these rows.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         golden = f"{Path(r['file']).stem}-{r['commit'].removesuffix('+dirty')}.dcz"
         atomic_write_bytes(FIXTURES / golden, data)
         digests[golden] = r["weights_sha256"]
-    rows = [r for r, _ in pairs]
-    atomic_write_text(ZOO / "zoo.json", json.dumps(rows, indent=2) + "\n")
+    zoo_path = ZOO / "zoo.json"
+    kept = {r["file"]: r for r in (json.loads(zoo_path.read_text()) if zoo_path.is_file() else [])}
+    rows = sorted({**kept, **{r["file"]: r for r, _ in pairs}}.values(), key=lambda r: r["file"])
+    atomic_write_text(zoo_path, json.dumps(rows, indent=2) + "\n")
     atomic_write_text(digests_path, json.dumps(dict(sorted(digests.items())), indent=2) + "\n")
     for r in rows:
         print(f"| `{r['file']}` | {r['bytes']:,} | {r['rate']:.1f}× | {r['top1_err']:.2f} % | `{r['recipe']}` | "
