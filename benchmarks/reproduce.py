@@ -238,14 +238,16 @@ def collect(args: argparse.Namespace, commit: str) -> tuple[list[dict[str, Any]]
     runs = run_folders(args, data_dir)
     loaded = [(run, *load_run(run, need_dcz=not args.no_check)) for run in runs]
     rows = [result_row(summary, None, commit) for _, summary, _ in loaded]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row_file(row), []).append(i)
+    for ids in (ids for ids in groups.values() if len(ids) > 1):  # checked before the slow file checks
+        merge_seeds([rows[i] for i in ids], [run_seed(loaded[i][0]) for i in ids], [loaded[i][0] for i in ids])
     for (run, _, _), row in zip(loaded, [] if args.no_check else rows):
         row["dcz_top1_err"] = evaluate_dcz(run / "model.dcz", data_dir)
         if mismatch(row):
             print(f"warning: {run / 'model.dcz'}: test.py gives top-1 error {row['dcz_top1_err']:.2f} %, "
                   f"summary.json {row['top1_err']:.2f} %", file=sys.stderr)
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row_file(row), []).append(i)
     merged = [rows[ids[0]] if len(ids) == 1 else
               merge_seeds([rows[i] for i in ids], [run_seed(loaded[i][0]) for i in ids], [loaded[i][0] for i in ids])
               for ids in groups.values()]
