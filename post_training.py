@@ -112,10 +112,4 @@ def validation_batches(cfg: Config, limit_batches: int | float | None, device: t
     count = len(loader) if limit_batches is None else (
         int(limit_batches) if limit_batches >= 1 else max(1, int(limit_batches * len(loader))))
 
-    def batches():
-        for i, batch in enumerate(loader):
-            if i >= count:
-                return
-            yield datamodule.on_after_batch_transfer([part.to(device) for part in batch], 0)
-
-    return batches
+    return lambda: ptq.on_device(loader, device, lambda batch: datamodule.on_after_batch_transfer(batch, 0), count)

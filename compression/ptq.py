@@ -142,6 +142,16 @@ def start_setting(weights: Mapping[str, torch.Tensor], biases: list[str], relati
     return {**{n: step for n in weights}, **{n: step / BIAS_STEP_DIVISOR for n in biases}}
 
 
+def on_device(loader: Iterable, device: torch.device, transfer: Callable | None = None, limit: int | None = None):
+    """The first ``limit`` (all: None) batches of ``loader`` moved to ``device``, each through ``transfer`` (e.g. a
+    data module's ``on_after_batch_transfer``: uint8 images normalised there) when given: what ``errors`` reads."""
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        batch = [part.to(device) for part in batch]
+        yield transfer(batch) if transfer is not None else batch
+
+
 @torch.no_grad()
 def errors(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """(top-1 error, expected top-1 error) of ``model`` over ``batches`` of (inputs, labels), in %: the share of

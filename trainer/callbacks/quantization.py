@@ -275,18 +275,12 @@ class Quantization(Callback):
         if loader is None or len(loader) == 0:
             raise ValueError('Quantization (bits auto) needs a validation split (data_loader.args.validation_split)')
 
-        def batches():
-            for i, batch in enumerate(loader):
-                if self.val_batches is not None and i >= self.val_batches:
-                    return
-                batch = [part.to(pl_module.device) for part in batch]
-                yield datamodule.on_after_batch_transfer(batch, 0) if datamodule is not None else batch
-
+        transfer = (lambda batch: datamodule.on_after_batch_transfer(batch, 0)) if datamodule is not None else None
         def evaluate() -> tuple[float, float]:
             was_training = pl_module.training
             pl_module.eval()
             try:
-                return ptq.errors(pl_module.model, batches())
+                return ptq.errors(pl_module.model, ptq.on_device(loader, pl_module.device, transfer, self.val_batches))
             finally:
                 pl_module.train(was_training)
 
