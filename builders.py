@@ -27,7 +27,7 @@ from logger import get_logger
 from compression.sensitivity import Metrics
 from parse_config import Config, ConfigError, ExportConfig, instantiate, load_config
 from teacher import use_teacher
-from trainer.callbacks import CALLBACKS, Distillation, IterativePruning, Quantization
+from trainer.callbacks import CALLBACKS, Distillation, IterativePruning, Quantization, StructuredPruning
 from trainer.callbacks.stages import PipelineStages, plan_stages
 from data import DATAMODULES, MACHINE_KEYS
 from trainer.checkpoint_io import AtomicCheckpointIO
@@ -147,12 +147,12 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
 
 
 def _check_order(callbacks: list[Callback]) -> None:
-    """Quantization fixes each layer's mask, so every pruning step must come before it."""
-    pruning = [c for c in callbacks if isinstance(c, IterativePruning)]
+    """Quantization fixes each layer's mask, so every pruning step (and a group-lasso penalty) must come before it."""
     quantization = [c for c in callbacks if isinstance(c, Quantization)]
-    if pruning and quantization and max(pruning[0].steps) >= quantization[0].epoch:
-        raise ConfigError(f"trainer.callbacks.Quantization.epoch: quantization at epoch {quantization[0].epoch} "
-                          f"must come after the last pruning step (epoch {max(pruning[0].steps)})")
+    for pruning in (c for c in callbacks if isinstance(c, (IterativePruning, StructuredPruning))):
+        if quantization and max(pruning.steps) >= quantization[0].epoch:
+            raise ConfigError(f"trainer.callbacks.Quantization.epoch: quantization at epoch {quantization[0].epoch} "
+                              f"must come after the last {type(pruning).__name__} step (epoch {max(pruning.steps)})")
 
 
 def pipeline_stages(cfg: Config, callbacks: list[Callback], run_dir: Path) -> PipelineStages | None:
@@ -160,12 +160,11 @@ def pipeline_stages(cfg: Config, callbacks: list[Callback], run_dir: Path) -> Pi
 
     Goes after the compression callbacks, so that its per-epoch line reports what they just did.
     """
-    pruning = next((c for c in callbacks if isinstance(c, IterativePruning)), None)
+    steps = [e for c in callbacks if isinstance(c, (IterativePruning, StructuredPruning)) for e in c.steps]
     quantization = next((c for c in callbacks if isinstance(c, Quantization)), None)
-    if pruning is None and quantization is None:
+    if not steps and quantization is None:
         return None
-    stages = plan_stages(cfg.trainer.max_epochs, pruning.steps if pruning else [],
-                         quantization.epoch if quantization else None)
+    stages = plan_stages(cfg.trainer.max_epochs, steps, quantization.epoch if quantization else None)
     return PipelineStages(stages, run_dir)
 
 

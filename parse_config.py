@@ -29,7 +29,8 @@ from compression.model_codec import CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, RA
 from compression.sparse_index import DEFAULT_INDEX_BITS, MAX_INDEX_BITS, IndexBits
 from data import DATAMODULES
 from models import MODELS
-from trainer.callbacks import CALLBACKS, COMPRESSION_ARGS, DistillationArgs, PruningArgs, QuantizationArgs
+from trainer.callbacks import (CALLBACKS, COMPRESSION_ARGS, DistillationArgs, PruningArgs, QuantizationArgs,
+                               StructuredArgs)
 from strict_args import StrictArgs, format_errors
 from trainer.lit_model import METRICS
 from trainer.optim import LOSSES, OPTIMIZERS, SCHEDULERS
@@ -85,6 +86,7 @@ class CallbacksConfig(_Strict):
     # Declaration order is hook order: the teacher is taken at the start of its epoch before that epoch's
     # pruning step or clustering changes the network.
     Distillation: DistillationArgs | None = None  # the dense network teaches the compressed one (beyond the paper)
+    StructuredPruning: StructuredArgs | None = None  # whole units / input features removed (beyond the paper)
     IterativePruning: PruningArgs | None = None  # pruning during (re)training (Han 2015)
     Quantization: QuantizationArgs | None = None  # trained quantization (Han 2016 §3)
     ModelCheckpoint: dict[str, Any] | None = None  # Lightning's, with its own arguments (checked early)

@@ -37,7 +37,9 @@ from typing import BinaryIO
 from compression.atomic import atomic_open
 
 MAGIC = b"\x89DCZ\r\n\x1a\n"
-FORMAT_VERSION = 3  # 1: plain JSON header; 2: the same JSON, raw-DEFLATE compressed; 3: + section table, dictionary
+FORMAT_VERSION = 4  # 1: plain JSON header; 2: the same JSON, raw-DEFLATE compressed; 3: + section table, dictionary;
+# 4: format 3's framing, whose tensors may be stored in a smaller shape (model_codec's units section)
+FRAMING_VERSION = 3  # what a file gets unless its content needs a newer reader (write_container's version)
 MAX_PLAUSIBLE_VERSION = 64  # above this, a version field is corrupt rather than from a future release
 MAX_HEADER_BYTES = 16 << 20  # the header is a table of contents, not data
 HEADER_INFLATE_RATIO = 32  # a format-2/3 header may inflate to at most this many times its stored size
@@ -138,8 +140,8 @@ def _encode_names(sections: list[tuple[str, bytes]]) -> list[bytes]:
     return names
 
 
-def _write_body(f: BinaryIO, header: bytes, sections: list[tuple[str, bytes]]) -> int:
-    f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header)) + header)
+def _write_body(f: BinaryIO, header: bytes, sections: list[tuple[str, bytes]], version: int) -> int:
+    f.write(_PREFIX.pack(MAGIC, version, len(header), zlib.crc32(header)) + header)
     written = _PREFIX.size + len(header)
     for _, data in sections:
         data = memoryview(data).cast("B")
@@ -154,13 +156,16 @@ def framing_bytes(sections: list[tuple[str, bytes]]) -> int:
     return _PREFIX.size
 
 
-def write_container(path: str | os.PathLike, header: dict, sections: list[tuple[str, bytes]]) -> int:
+def write_container(path: str | os.PathLike, header: dict, sections: list[tuple[str, bytes]],
+                    version: int = FRAMING_VERSION) -> int:
     """Writes a ``.dcz`` file atomically: the file at ``path`` is either complete or untouched.
 
     Args:
         path: destination; its folder must exist.
         header: JSON-serialisable dict (no NaN/Infinity).
         sections: ``(name, data)`` pairs, names unique and 1..255 UTF-8 bytes, in file order.
+        version: The format version recorded: the oldest whose readers understand the content (3 or 4; the
+            framing is the same), so a reader too old for it refuses the file instead of misreading it.
 
     Returns:
         The number of bytes written, equal to the size of the file.
@@ -170,10 +175,12 @@ def write_container(path: str | os.PathLike, header: dict, sections: list[tuple[
         ValueError: if the header is not JSON-serialisable or a name is empty, too long or repeated.
         OSError: if the folder is not writable; no temp file is left behind.
     """
+    if not FRAMING_VERSION <= version <= FORMAT_VERSION:
+        raise ValueError(f"version must be {FRAMING_VERSION}..{FORMAT_VERSION}, got {version}")
     names = _encode_names(sections)
     header_bytes = _encode_header(header, names, sections)
     with atomic_open(path) as f:
-        written = _write_body(f, header_bytes, sections)
+        written = _write_body(f, header_bytes, sections, version)
     return written
 
 

@@ -146,7 +146,68 @@ def encode_tensor(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = N
     if not torch.equal(tensor, expected):
         what = "non-zero pruned weights" if codebook is None else "weights that are not codebook[index] on the mask"
         raise ValueError(f"{name}: the tensor has {what}; re-apply the compression state before encoding")
-    return CODECS[codec].encode(name, tensor, mask.flatten().numpy(), codebook, index, index_bits)
+    plain = CODECS[codec].encode(name, tensor, mask.flatten().numpy(), codebook, index, index_bits)
+    units = _live_units(mask)
+    if units is None:
+        return plain
+    shrunk = _shrunk_entry(name, tensor, mask, *units, CODECS[codec], codebook, index, index_bits)
+    return min((plain, shrunk), key=lambda e: e[2].bytes)  # the bitmaps cost R + G bits: kept when they pay
+
+
+def _live_units(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, input groups) holding a kept weight, of a mask of 2 or more dimensions with a dead one; else None.
+
+    A row is an output unit (``shape[0]``), an input group one index of ``shape[1]`` (a Linear's input feature,
+    a conv's input channel: its ``kh x kw`` kernel positions together)."""
+    if mask.dim() < 2 or not mask.numel():
+        return None
+    alive = mask.reshape(mask.shape[0], mask.shape[1], -1).any(2)
+    rows, groups = alive.any(1).numpy(), alive.any(0).numpy()
+    return None if rows.all() and groups.all() else (rows, groups)
+
+
+def _shrunk_entry(name: str, tensor: torch.Tensor, mask: torch.Tensor, rows: np.ndarray, groups: np.ndarray,
+                  codec: Codec, codebook: torch.Tensor | None, index: torch.Tensor | None,
+                  index_bits: int | str) -> Entry:
+    """The tensor without its dead rows and input groups, coded by ``codec`` in that smaller shape (beyond the
+    paper: structured pruning's removed units cost their bit in the ``units`` section, nothing more). The kept
+    weights keep their row-major order, so a quantized tensor's ``index`` is the same."""
+    r, g = torch.from_numpy(rows), torch.from_numpy(groups)
+    sub_tensor, sub_mask = tensor[r][:, g].contiguous(), mask[r][:, g].contiguous()
+    entry, sections, stats = codec.encode(name, sub_tensor, sub_mask.flatten().numpy(), codebook, index, index_bits)
+    entry["stored_shape"], entry["shape"] = entry["shape"], list(tensor.shape)
+    bitmap = np.packbits(np.concatenate([rows, groups])).tobytes()
+    stats.numel, stats.bytes = tensor.numel(), stats.bytes + len(bitmap)
+    return entry, sections + [(f"{name}:units", bitmap)], stats
+
+
+def _unshrink(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(the entry as its codec coded it, each of its flat positions' place in the full tensor), or (entry, None)
+    for an entry stored in its own shape.
+
+    Raises:
+        ValueError: a stored shape or ``units`` section that disagrees with the shape.
+    """
+    if "stored_shape" not in entry:
+        return entry, None
+    name, shape, stored = entry.get("name"), entry.get("shape"), entry.get("stored_shape")
+    numel_of(entry)
+    numel_of({"name": name, "shape": stored})
+    if len(shape) < 2 or len(stored) != len(shape) or stored[2:] != shape[2:]:
+        raise ValueError(f"{name}: stored shape {str(stored)[:60]} does not fit the shape {shape}")
+    data = section_of(entry, sections, "units")
+    if len(data) != (shape[0] + shape[1] + 7) // 8:
+        raise ValueError(f"{name}: units section has {len(data)} bytes for {shape[0]} rows and {shape[1]} inputs")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8))[: shape[0] + shape[1]].astype(bool)
+    rows, groups = np.flatnonzero(bits[: shape[0]]), np.flatnonzero(bits[shape[0]:])
+    if [len(rows), len(groups)] != stored[:2]:
+        raise ValueError(f"{name}: units section keeps {len(rows)} rows and {len(groups)} inputs, stored shape "
+                         f"{stored}")
+    inner = math.prod(shape[2:])
+    # place[p]: the full tensor's flat position of the stored tensor's flat position p (row-major, increasing)
+    place = ((rows[:, None, None] * shape[1] + groups[None, :, None]) * inner
+             + np.arange(inner)[None, None, :]).reshape(-1)
+    return {**entry, "shape": list(stored)}, place
 
 
 def _huffman_entry(name: str, tensor: torch.Tensor, flat_mask: np.ndarray, codebook: torch.Tensor | None,
@@ -227,7 +288,9 @@ def decode_entries(entry: dict[str, Any], sections: dict[str, bytes]) -> tuple[n
         raise ValueError(f"{name}: unknown codec {str(entry.get('codec'))[:40]!r}; this reader knows "
                          f"{', '.join(BY_TAG)} (a file from a newer version?)")
     try:
-        return codec.decode(entry, sections, encoding)
+        entry, place = _unshrink(entry, sections)
+        positions, entry_values = codec.decode(entry, sections, encoding)
+        return (positions, entry_values) if place is None else (place[positions], entry_values)
     except ValueError as err:  # the coders' messages do not always know the tensor; the entry's own checks do
         raise ValueError(str(err) if str(err).startswith(f"{name}: ") else f"{name}: {err}") from None
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from compression.context_codec import CODEC as CONTEXT_CODEC
 from compression.range_codec import CODEC as RANGE_CODEC
-from compression.container import MAGIC, ContainerError, framing_bytes, read_container, write_container
+from compression.container import (FORMAT_VERSION, FRAMING_VERSION, MAGIC, ContainerError, framing_bytes,
+                                   read_container, write_container)
 from compression.layers import layer_type
 from compression.model_codec import (CODECS, DEFAULT_CODEC, DEFAULT_RAW_DTYPE, HUFFMAN, _int_field, decode_entries,
                                      decode_tensor, encode_tensor)
@@ -109,7 +110,8 @@ def save_compressed(model: nn.Module, path: str | Path, *, arch: dict[str, Any],
         stats.append(stat)
     header = {"format": "deep-compression", "arch": arch, "tensors": entries, **(metadata or {}),
               "sha256": payload_digest(sections)}
-    size = write_container(path, header, sections)
+    shrunk = any("stored_shape" in entry for entry in entries)  # readers before format 4 would misplace them
+    size = write_container(path, header, sections, FORMAT_VERSION if shrunk else FRAMING_VERSION)
     dense = sum(p.numel() for p in model.parameters())
     header_bytes = size - framing_bytes(sections) - sum(len(data) for _, data in sections)  # as stored: deflated
     return build_report(stats, size, dense, header_bytes)

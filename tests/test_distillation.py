@@ -15,6 +15,7 @@ from test_callbacks_trainer import fit, tiny_module
 import builders
 from parse_config import ConfigError, parse_config
 from trainer.callbacks import Distillation, IterativePruning
+from trainer.callbacks.distillation import TeacherOutputs
 from trainer.lit_model import network_state
 
 CALLBACKS = {"IterativePruning": {"keep_ratio": 0.2, "start_epoch": 1},
@@ -174,3 +175,32 @@ def test_removed_options_load_when_off_and_are_refused_when_on(tmp_path: Path, i
     with pytest.raises(ConfigError, match=r"Distillation\.teacher: expected a string"):  # an ensemble
         parse_config(json.loads(write_config(tmp_path, idx_dir, "list", {"Distillation": {"teacher": ["self"]}},
                                              max_epochs=3).read_text()))
+
+
+def test_cached_teacher_outputs_are_the_teachers_found_by_content() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    images = torch.randn(2500, 1, 3, 4)
+    images[7] = images[3]  # equal inputs: one key, the same outputs
+    cache = TeacherOutputs(teacher, lambda a, b: images[a:b], len(images))
+    assert len(cache.keys) == len(images) == len(torch.unique(cache.keys)) + 1
+    batch = images[torch.randperm(len(images))[:300]]
+    with torch.no_grad():
+        assert torch.allclose(cache.lookup(batch), teacher(batch), atol=1e-6)
+        fresh = torch.randn(4, 1, 3, 4)  # never seen: run through the teacher
+        mixed = torch.cat([batch[:5], fresh])
+        assert torch.allclose(cache.lookup(mixed), teacher(mixed), atol=1e-6)
+
+
+def test_resume_with_cached_teacher_outputs_equals_an_uninterrupted_run(tmp_path: Path, idx_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    callbacks = {**CALLBACKS, "Distillation": {**CALLBACKS["Distillation"], "cache": True}}
+    whole, run = whole_and_cut_runs(tmp_path, idx_dir, monkeypatch, callbacks, max_epochs=4, stop_after=2)
+    assert_resume_equals_whole(whole, run)
+    assert "computed once" in (whole / "info.log").read_text() and "computed once" in (run / "info.log").read_text()
+    uncached = write_config(tmp_path, idx_dir, "uncached", CALLBACKS, max_epochs=4)
+    import train
+    assert train.main(["-c", str(uncached)]) == 0  # the same teacher, run on every batch: close, not bit-equal
+    a = last_ckpt(tmp_path / "uncached")["state_dict"]["model.fc3.weight"]
+    b = load_ckpt(whole / "last.ckpt")["state_dict"]["model.fc3.weight"]
+    assert torch.allclose(a, b, atol=1e-3)

@@ -17,6 +17,7 @@ teacher's weights are its checkpoint state, so ``train.py -r`` resumes with the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -43,6 +44,7 @@ class DistillationArgs(StrictArgs):
     temperature: float = Field(4.0, gt=0)  # T: softens both distributions (Hinton: 2-20)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) term; 1 - alpha on the labels
     teacher: str | None = None  # null: the network itself at `epoch`; a .ckpt; or a .json config trained first
+    cache: bool = False  # the teacher's outputs computed once over a training set held in memory (MNIST family)
 
     @field_validator("teacher")
     @classmethod
@@ -66,6 +68,8 @@ class Distillation(Callback):
     def __init__(self, **kwargs: Any) -> None:
         args = validated(DistillationArgs, kwargs, "Distillation")
         self.epoch, self.temperature, self.alpha, self.teacher = args.epoch, args.temperature, args.alpha, args.teacher
+        self.cache = args.cache
+        self.outputs: TeacherOutputs | None = None  # the cached outputs, when `cache` and the data allow it
         self.network: nn.Module | None = None  # the network `teacher` names, once loaded (use())
         self.model: nn.Module | None = None  # the frozen teacher, from `epoch` on
         self._saved: dict[str, torch.Tensor] | None = None  # its weights, from a resumed checkpoint
@@ -88,7 +92,8 @@ class Distillation(Callback):
     def loss(self, x: torch.Tensor, logits: torch.Tensor, hard_loss: torch.Tensor) -> torch.Tensor:
         """``(1 - alpha) · hard_loss + alpha · T² · KL(teacher ‖ student)`` on the batch ``x`` (N, ...)."""
         with torch.no_grad():
-            target = F.log_softmax(self.model(x) / self.temperature, dim=1)  # type: ignore[misc]  # (N, classes)
+            teacher = self.model(x) if self.outputs is None else self.outputs.lookup(x)  # type: ignore[misc]
+            target = F.log_softmax(teacher / self.temperature, dim=1)  # (N, classes)
         soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
                         reduction="batchmean")
         return (1.0 - self.alpha) * hard_loss + self.alpha * self.temperature ** 2 * soft
@@ -107,6 +112,19 @@ class Distillation(Callback):
             who = (f"the network at epoch {trainer.current_epoch}" if self.teacher is None
                    else f"{type(self.model).__name__} from {self.teacher}")
             log.info(f"Distillation: {who} is the teacher from now on (T={self.temperature}, alpha={self.alpha})")
+        data = getattr(trainer, "datamodule", None)
+        train_set = getattr(data, "train_set", None)
+        if self.cache and isinstance(train_set, tuple) and torch.is_tensor(train_set[0]):
+            def fed(start: int, stop: int) -> torch.Tensor:  # the inputs as training batches reach the model
+                chunk = (train_set[0][start:stop].to(pl_module.device), train_set[1][start:stop].to(pl_module.device))
+                return data.on_after_batch_transfer(chunk, 0)[0]  # type: ignore[union-attr]
+
+            self.outputs = TeacherOutputs(self.model, fed, len(train_set[0]))
+            log.info(f"Distillation: the teacher's outputs on the {len(train_set[0]):,} training inputs are computed "
+                     f"once and looked up")
+        elif self.cache:
+            log.info("Distillation: cache is on, but the training data are not held in memory as they are fed "
+                     "(augmentation, or read from files): the teacher runs on every batch")
         pl_module.loss_hook = self.loss
 
     @override
@@ -117,3 +135,48 @@ class Distillation(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved = state_dict.get("teacher")
+
+
+class TeacherOutputs:
+    """The teacher's outputs on every input of a training set held in memory, computed once in a fixed order
+    (chunks of ``CHUNK``), so that an interrupted and resumed run looks up the same values as an uninterrupted one.
+
+    A batch's inputs are found by content: an exact integer hash of each input's floating-point bits (a dot product in
+    int64 arithmetic, which wraps: no rounding, order-free), so the loader needs no change. Equal inputs have equal
+    outputs; an input not found (never, for a loader that slices the set) is run through the teacher.
+    """
+
+    CHUNK = 1024
+
+    def __init__(self, teacher: nn.Module, fed: Callable[[int, int], torch.Tensor], n: int) -> None:
+        """``fed(start, stop)``: inputs ``start .. stop - 1`` of the set, as a training batch reaches the model."""
+        self.teacher = teacher
+        self.weights: torch.Tensor | None = None
+        keys, outputs = [], []
+        with torch.no_grad():
+            for start in range(0, n, self.CHUNK):
+                chunk = fed(start, min(start + self.CHUNK, n))
+                keys.append(self._keys(chunk))
+                outputs.append(teacher(chunk))
+        keys_all = torch.cat(keys)
+        self.keys, order = torch.sort(keys_all)
+        self.values = torch.cat(outputs)[order]
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1).contiguous()  # its bits as integers of its width (float16 .. float64)
+        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]).to(torch.int64)
+        if self.weights is None:
+            generator = torch.Generator().manual_seed(0)
+            self.weights = torch.randint(1, 1 << 62, (bits.shape[1],), generator=generator).to(x.device) | 1
+        return (bits * self.weights).sum(1)
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's outputs on the batch ``x`` (N, ...)."""
+        keys = self._keys(x)
+        at = torch.searchsorted(self.keys, keys).clamp_max(len(self.keys) - 1)
+        found = self.keys[at] == keys
+        if bool(found.all()):
+            return self.values[at]
+        out = self.values[at].clone()
+        out[~found] = self.teacher(x[~found])
+        return out
