@@ -11,6 +11,7 @@ check that the file alone gives the error the run reported.
     python benchmarks/reproduce.py --kinds pipeline,beyond         # also ours beyond the paper
     python benchmarks/reproduce.py --from-runs runs/reproduce/*/*    # tables from finished runs, no training
     python benchmarks/reproduce.py --kinds beyond --seeds 42,1,2      # each recipe three times: means, each seed listed
+    python benchmarks/reproduce.py --kinds structured --seeds 42,1,2  # the recipes that remove whole units
 
 Into ``--out``: ``<model>_<dataset>_<recipe>.json`` per run, ``table1.md`` (ours, then the paper's MNIST
 rows in a table of their own), ``table23.md`` (per layer) and ``rate_vs_error.png``. The ``train.py`` / ``test.py``
@@ -38,7 +39,8 @@ from utils import commit_id
 
 MODELS = ("lenet300", "lenet5")
 DATASETS = ("fashionmnist", "mnist")
-KINDS = ("pipeline", "beyond")  # the paper-faithful recipes, and ours beyond the paper (Fashion-MNIST only)
+KINDS = ("pipeline", "beyond", "structured")  # the paper-faithful recipes; ours beyond the paper; and with whole
+# units removed (StructuredPruning): the last two Fashion-MNIST only
 REQUIRED = ("model", "dataset", "recipe", "dense_top1_err", "top1_err", "dcz_bytes", "dense_bytes", "rate", "wall_s")
 NUMBERS = REQUIRED[3:]  # dense_top1_err may be null: a recipe that prunes from epoch 0 has no dense stage
 EXTRA = ("rate_p", "rate_pq", "rate_pqh", "pruned_top1_err", "stages")
@@ -54,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="dataset folder for train.py and test.py (default: the recipe's, then the system's)")
     parser.add_argument("--kinds", default="pipeline",
                         help=f"comma-separated, of {', '.join(KINDS)}: configs/<model>_<dataset>_<kind>.json "
-                             "(pipeline: the paper-faithful recipes; beyond: ours beyond the paper)")
+                             "(pipeline: the paper-faithful recipes; beyond: ours beyond the paper; structured: "
+                             "beyond, with whole units removed)")
     parser.add_argument("--recipe", action="append", default=[], metavar="PATH",
                         help="run this config file instead of the shipped recipes (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

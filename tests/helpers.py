@@ -225,32 +225,33 @@ class RankDump(pl.Callback):
 
 # --------------------------------------------------------------------------- .dcz files edited by hand
 def dcz_parts(path: Path) -> tuple[dict[str, Any], list[list[Any]], bytes]:
-    """(header, section table ``[[name, length, CRC32], ...]``, the sections' data) of a format-3 ``.dcz``,
-    parsed independently of the reader (``compression.container`` documents the layout)."""
+    """(header, section table ``[[name, length, CRC32], ...]``, the sections' data) of a format-3 or -4 ``.dcz``
+    (the same framing), parsed independently of the reader (``compression.container`` documents the layout)."""
     from compression.container import HEADER_DICTIONARY
 
     data = path.read_bytes()
     version, length = struct.unpack_from("<HI", data, 8)
-    assert version == 3, f"{path}: format {version}, these helpers edit format 3"
+    assert version in (3, 4), f"{path}: format {version}, these helpers edit formats 3 and 4"
     inflate = zlib.decompressobj(-15, zdict=HEADER_DICTIONARY)
     header, _, table = inflate.decompress(data[18:18 + length]).partition(b"\n")
     return json.loads(header), json.loads(table), data[18 + length:]
 
 
-def write_dcz_parts(path: Path, header: dict[str, Any], table: list[list[Any]], body: bytes) -> None:
-    """Writes a format-3 file from its parts, with a correct header CRC (what a deliberate editor would do)."""
+def write_dcz_parts(path: Path, header: dict[str, Any], table: list[list[Any]], body: bytes, version: int = 3) -> None:
+    """Writes a format-3 (or ``version``) file from its parts, with a correct header CRC (what a deliberate editor
+    would do)."""
     from compression.container import HEADER_DICTIONARY, MAGIC
 
     deflate = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=HEADER_DICTIONARY)
     raw = deflate.compress(json.dumps(header).encode() + b"\n" + json.dumps(table).encode()) + deflate.flush()
-    path.write_bytes(MAGIC + struct.pack("<HII", 3, len(raw), zlib.crc32(raw)) + raw + body)
+    path.write_bytes(MAGIC + struct.pack("<HII", version, len(raw), zlib.crc32(raw)) + raw + body)
 
 
 def rewrite_header(path: Path, change: Any) -> None:
     """Edits the JSON header (``change(header)``) and recomputes its CRC."""
     header, table, body = dcz_parts(path)
     change(header)
-    write_dcz_parts(path, header, table, body)
+    write_dcz_parts(path, header, table, body, path.read_bytes()[8])
 
 
 def sections_of(path: Path) -> dict[str, tuple[int, int]]:
@@ -276,7 +277,7 @@ def fix_crcs(path: Path, digest: bool = True) -> None:
         at += length
     if digest:
         header["sha256"] = payload_digest(pairs)
-    write_dcz_parts(path, header, table, body)
+    write_dcz_parts(path, header, table, body, path.read_bytes()[8])
 
 
 # --------------------------------------------------------------------------- exact resume

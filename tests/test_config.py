@@ -37,7 +37,7 @@ def test_valid_config_resolves_num_classes_from_data(raw: dict[str, Any]) -> Non
     ("data_loader.type", "SVHN", r"data_loader\.type: unknown type; valid types: MNIST, FashionMNIST"),
     ("optimizer.type", "Adagrad", r"optimizer\.type: unknown type; valid types: SGD, Adam"),
     ("lr_scheduler.type", "OneCycleLR", r"lr_scheduler\.type: unknown type"),
-    ("trainer.callbacks", {"Pruning": {}}, r"trainer\.callbacks\.Pruning: unknown key; valid keys here: Distillation, IterativePruning, Quantization"),
+    ("trainer.callbacks", {"Pruning": {}}, r"trainer\.callbacks\.Pruning: unknown key; valid keys here: Distillation, StructuredPruning, IterativePruning, Quantization"),
     ("trainer.max_epochs", "3", r"trainer\.max_epochs: expected an integer \(got \"3\"\)"),
     ("trainer.max_epochs", 0, r"trainer\.max_epochs: must be >= 1 \(got 0\)"),
     ("trainer.deterministic", 1, r"trainer\.deterministic: expected true or false \(got 1\)"),

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from compression import container
-from compression.container import FORMAT_VERSION, MAGIC, ContainerError, read_container, write_container
+from compression.container import (FORMAT_VERSION, FRAMING_VERSION, MAGIC, ContainerError, read_container,
+                                   write_container)
 
 HEADER = {"model": "LeNet300", "args": {"num_classes": 10}, "classes": ["T-shirt", "Ünïcode"], "mean": 0.286}
 SECTIONS = [("fc1.codebook", bytes(range(256)) * 3), ("fc1.index", b""), ("fc2/weights", b"\x00\xff" * 50)]
@@ -116,9 +117,9 @@ def test_text_mode_mangling_is_caught_by_the_magic(tmp_path: Path) -> None:
 
 
 def test_future_version_asks_for_an_upgrade(tmp_path: Path) -> None:
-    with pytest.raises(ContainerError, match="newer version.*format 4, this one reads up to 3.*upgrade"):
+    with pytest.raises(ContainerError, match="newer version.*format 5, this one reads up to 4.*upgrade"):
         read_container(raw_file(tmp_path, version=FORMAT_VERSION + 1))
-    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..3"):
+    with pytest.raises(ContainerError, match="corrupt file: format version field holds 0, expected 1..4"):
         read_container(raw_file(tmp_path, version=0))
 
 
@@ -234,8 +235,8 @@ def test_duplicate_section_in_a_format_2_file(tmp_path: Path) -> None:
 def test_crash_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_body = container._write_body
 
-    def write_then_crash(f: object, header: bytes, sections: list) -> int:
-        write_body(f, header, sections[:1])  # header and first section on disk, then the disk is full
+    def write_then_crash(f: object, header: bytes, sections: list, version: int) -> int:
+        write_body(f, header, sections[:1], version)  # header and first section on disk, then the disk is full
         raise OSError("disk full")
 
     monkeypatch.setattr(container, "_write_body", write_then_crash)
@@ -275,8 +276,13 @@ def test_write_rejects_bad_arguments(tmp_path: Path, header: object, sections: l
 def test_layout_is_as_documented(tmp_path: Path) -> None:
     _, data = written(tmp_path, {"a": 1}, [("w", b"xyz"), ("e", b"")])
     header = deflate(b'{"a":1}\n[["w",3,%d],["e",0,0]]' % zlib.crc32(b"xyz"))
-    expected = MAGIC + struct.pack("<HII", FORMAT_VERSION, len(header), zlib.crc32(header)) + header + b"xyz"
-    assert data == expected
+    expected = MAGIC + struct.pack("<HII", FRAMING_VERSION, len(header), zlib.crc32(header)) + header + b"xyz"
+    assert data == expected  # format 3 unless the content needs 4 (a tensor in a smaller shape: test_structured)
+    write_container(tmp_path / "v4.dcz", {"a": 1}, [("w", b"xyz"), ("e", b"")], version=4)
+    assert (tmp_path / "v4.dcz").read_bytes() == expected[:8] + b"\x04\x00" + expected[10:]
+    assert read_container(tmp_path / "v4.dcz")[0] == {"a": 1}
+    with pytest.raises(ValueError, match="version must be 3..4"):
+        write_container(tmp_path / "v5.dcz", {"a": 1}, [], version=5)
 
 
 def test_the_preset_dictionary_is_pinned() -> None:

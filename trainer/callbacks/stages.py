@@ -96,7 +96,7 @@ class PipelineStages(Checkpoint):  # a Checkpoint, so that its saves see the epo
         stage.wall_s += time.monotonic() - self._epoch_start
         if epoch == stage.last_epoch and stage is not self.stages[-1]:
             path = self.run_dir / CHECKPOINT_NAMES[stage.name]
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: -r resumes from it
             log.info(f"stage {stage.name} done after {stage.wall_s:.0f} s: its model is {path}")
 
     @override
