@@ -178,6 +178,8 @@ def _shrunk_entry(name: str, tensor: torch.Tensor, mask: torch.Tensor, rows: np.
     entry["stored_shape"], entry["shape"] = entry["shape"], list(tensor.shape)
     bitmap = np.packbits(np.concatenate([rows, groups])).tobytes()
     stats.numel, stats.bytes = tensor.numel(), stats.bytes + len(bitmap)
+    if stats.entries:  # the bitmap says where the kept weights are: the report counts it as position bits
+        stats.position_bits_huffman += 8 * len(bitmap) / stats.entries
     return entry, sections + [(f"{name}:units", bitmap)], stats
 
 

@@ -138,7 +138,7 @@ def test_quantized_checkpoint_in_test_py_and_as_new_run(tmp_path: Path, idx_dir:
     ({"Quantization": {"epoch": 2}}, r"Quantization: epoch 2 is outside the run's epochs 0\.\.1"),
     ({"Quantization": {"bits": {"conv9": 4}}}, r"'conv9' is not a prunable layer of LeNet300; prunable layers: fc1"),
     ({"IterativePruning": {"keep_ratio": 0.5, "start_epoch": 1}, "Quantization": {"epoch": 1}},
-     r"Quantization\.epoch: quantization at epoch 1 must come after the last pruning step \(epoch 1\)"),
+     r"Quantization\.epoch: quantization at epoch 1 must come after the last IterativePruning step \(epoch 1\)"),
 ])
 def test_quantization_config_errors(tmp_path: Path, idx_dir: Path, callbacks: dict[str, Any], match: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
