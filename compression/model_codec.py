@@ -163,7 +163,7 @@ def _live_units(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     alive = mask.reshape(mask.shape[0], mask.shape[1], -1).any(2)
     rows, groups = alive.any(1).numpy(), alive.any(0).numpy()
-    return None if rows.all() and groups.all() else (rows, groups)
+    return None if (rows.all() and groups.all()) or not rows.any() else (rows, groups)  # (all pruned: plain)
 
 
 def _shrunk_entry(name: str, tensor: torch.Tensor, mask: torch.Tensor, rows: np.ndarray, groups: np.ndarray,
