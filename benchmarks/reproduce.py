@@ -158,8 +158,14 @@ def recipes_to_run(args: argparse.Namespace) -> list[Path]:
     kinds = [k.strip().lower() for k in args.kinds.split(",") if k.strip()]
     if not args.recipe and (not kinds or any(k not in KINDS for k in kinds)):
         raise ReproduceError(f"--kinds {args.kinds!r}: expected a comma-separated list of {', '.join(KINDS)}")
-    recipes = ([Path(p).expanduser().resolve() for p in args.recipe]
-               or [ROOT / "configs" / f"{m}_{args.dataset}_{k}.json" for k in kinds for m in models])
+    recipes = [Path(p).expanduser().resolve() for p in args.recipe]
+    if not recipes:  # a kind need not have a recipe for every model (structured: LeNet-5 only)
+        shipped = [ROOT / "configs" / f"{m}_{args.dataset}_{k}.json" for k in kinds for m in models]
+        recipes = [r for r in shipped if r.is_file()]
+        if not recipes:
+            raise ReproduceError(f"recipe not found: {', '.join(map(str, shipped))}")
+        for recipe in (r for r in shipped if r not in recipes):
+            print(f"note: no shipped recipe {recipe.name}: skipped", file=sys.stderr)
     for recipe in recipes:
         if not recipe.is_file():
             raise ReproduceError(f"recipe not found: {recipe}")

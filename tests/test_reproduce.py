@@ -104,6 +104,7 @@ def bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             (["--from-runs", str(tmp_path / "nowhere")], "run folder not found"),
             (["--models", "lenet300,alexnet"], "expected a comma-separated list of lenet300, lenet5"),
             (["--kinds", "pipeline,best"], "expected a comma-separated list of pipeline, beyond"),
+            (["--kinds", "structured", "--models", "lenet300"], "lenet300_fashionmnist_structured.json"),
             (["--recipe", str(tmp_path / "broken.json"), "--from-runs", str(tmp_path)], "pick one"),
             (["--recipe", str(tmp_path / "broken.json"), "--set", "novalue"], "expected KEY=VALUE"),
             # train.py itself fails (its own message is quoted): a real subprocess
