@@ -147,7 +147,7 @@ def build_config_callbacks(cfg: Config, model: nn.Module, quantized: Collection[
 
 
 def _check_order(callbacks: list[Callback]) -> None:
-    """Quantization fixes each layer's mask, so every pruning step (and a group-lasso penalty) must come before it."""
+    """Quantization fixes each layer's mask, so every pruning step must come before it."""
     quantization = [c for c in callbacks if isinstance(c, Quantization)]
     for pruning in (c for c in callbacks if isinstance(c, (IterativePruning, StructuredPruning))):
         if quantization and max(pruning.steps) >= quantization[0].epoch:

@@ -267,7 +267,8 @@ def _check_specs(cfg: Config) -> None:
 # Options measured and removed (docs/experiments.md), with the value that meant "off": configs written before
 # (every resolved config.json lists every argument) still load when they had them off.
 RETIRED = {"IterativePruning": {"reset_weights": False, "splicing": False, "block": 1, "prune_bias": False},
-           "Distillation": {"mixup": 0.0, "features": [], "feature_weight": 1.0}}
+           "Distillation": {"mixup": 0.0, "features": [], "feature_weight": 1.0},
+           "StructuredPruning": {"group_lasso": 0.0}}
 
 
 def _drop_retired(raw: dict[str, Any]) -> dict[str, Any]:

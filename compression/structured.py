@@ -12,15 +12,12 @@ are all zero is a row the file does not store (``compression.model_codec`` shrin
 
 A zero group leaves the network's function unchanged only if a zero unit feeds zeros onward (ReLU, max-pooling,
 dropout and flatten do; a normalisation layer in between would not: ``unit_chain`` refuses such networks).
-The groups are ranked by their Euclidean norm; a group-lasso term (Yuan & Lin 2006; Wen et al. 2016, arXiv
-1608.03665) ``lambda * sum_g sqrt(|g|) ||w_g||`` applied as its proximal step (``shrink_``: every group scaled by
-``max(0, 1 - lr * lambda * sqrt(|g|) / ||w_g||)``) pushes the least useful groups to exactly zero during training.
-Pure tensor functions; the callback is ``trainer.callbacks.structured``.
+The groups are ranked by their Euclidean norm. (A group-lasso penalty pushing groups to zero before the ranking was
+measured and removed: docs/experiments.md.) Pure tensor functions; the callback is ``trainer.callbacks.structured``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -88,12 +85,6 @@ def unit_norms(params: Mapping[str, torch.Tensor], units: Units) -> torch.Tensor
     return (w.flatten(1).square().sum(1) + b.square() + _successor_view(s, units).square().sum(1)).sqrt()
 
 
-def unit_size(params: Mapping[str, torch.Tensor], units: Units) -> int:
-    """Weights in one unit's group."""
-    w, _, s = (params[p] for p in units.params())
-    return w[0].numel() + 1 + s.numel() // units.count
-
-
 def input_norms(weight: torch.Tensor) -> torch.Tensor:
     """(inputs,) Euclidean norm of each input feature's column (a conv: each input channel) of a first layer."""
     return weight.detach().float().transpose(0, 1).flatten(1).square().sum(1).sqrt()
@@ -126,29 +117,3 @@ def top_groups(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor
     keep = torch.zeros_like(alive)
     keep[order] = True
     return keep & alive
-
-
-@torch.no_grad()
-def shrink_units_(params: Mapping[str, torch.Tensor], units: Units, threshold: float) -> None:
-    """Group-lasso proximal step on every unit: its group scaled by ``max(0, 1 - threshold / ||group||)``."""
-    norms = unit_norms(params, units)
-    scale = torch.clamp(1.0 - threshold / norms.clamp_min(1e-30), min=0.0)  # (count,)
-    w, b, s = (params[p] for p in units.params())
-    w.mul_(scale.view(-1, *([1] * (w.dim() - 1))).to(w.dtype))
-    b.mul_(scale.to(b.dtype))
-    if s.dim() == 2:
-        s.mul_(scale.repeat_interleave(units.span).view(1, -1).to(s.dtype))
-    else:
-        s.mul_(scale.view(1, -1, *([1] * (s.dim() - 2))).to(s.dtype))
-
-
-@torch.no_grad()
-def shrink_inputs_(weight: torch.Tensor, threshold: float) -> None:
-    """Group-lasso proximal step on every input feature (column) of a first layer."""
-    scale = torch.clamp(1.0 - threshold / input_norms(weight).clamp_min(1e-30), min=0.0)
-    weight.mul_(scale.view(1, -1, *([1] * (weight.dim() - 2))).to(weight.dtype))
-
-
-def group_threshold(lr: float, strength: float, size: int) -> float:
-    """The proximal threshold of one step: ``lr * lambda * sqrt(group size)`` (Yuan & Lin's size weighting)."""
-    return lr * strength * math.sqrt(size)

@@ -13,14 +13,13 @@ import train
 from compression.container import FRAMING_VERSION
 from compression.model_codec import decode_tensor, encode_tensor
 from compression.quantization import dequantize
-from compression.structured import (group_threshold, input_mask, shrink_inputs_, shrink_units_, unit_chain, unit_masks,
-                                    unit_norms, unit_size)
+from compression.structured import input_mask, unit_chain, unit_masks, unit_norms
 from dcz import read_compressed
 from models import LeNet5, LeNet300
 from models.vgg import VGG16CIFAR
 from parse_config import ConfigError, parse_config
 
-CALLBACKS = {"StructuredPruning": {"units": {"fc1": 0.5, "fc2": 0.6}, "inputs": 0.7, "group_lasso": 0.01,
+CALLBACKS = {"StructuredPruning": {"units": {"fc1": 0.5, "fc2": 0.6}, "inputs": 0.7,
                                    "start_epoch": 0, "end_epoch": 1},
              "IterativePruning": {"keep_ratio": 0.3, "start_epoch": 1},
              "Quantization": {"bits": 4, "epoch": 2}}
@@ -56,25 +55,10 @@ def test_removing_units_whose_groups_are_zero_leaves_the_outputs_unchanged(arch:
         assert unit_norms(params, units)[gone].eq(0).all() and unit_norms(params, units)[~gone].gt(0).all()
 
 
-def test_group_lasso_step_scales_whole_groups_and_zeroes_the_weak_ones() -> None:
-    torch.manual_seed(0)
-    model = LeNet300()
-    params = dict(model.named_parameters())
-    units = unit_chain(model, ["fc1"])["fc1"]
-    norms = unit_norms(params, units)
-    fc1, fc2 = params["fc1.weight"].detach().clone(), params["fc2.weight"].detach().clone()
-    ordered = norms.sort().values
-    threshold = float(ordered[149] + ordered[150]) / 2  # between two norms: exactly 150 groups below it
-    shrink_units_(params, units, threshold)
-    scale = torch.clamp(1 - threshold / norms, min=0)
-    assert torch.allclose(params["fc1.weight"], fc1 * scale[:, None])
-    assert torch.allclose(params["fc2.weight"], fc2 * scale[None, :])
-    assert int((unit_norms(params, units) == 0).sum()) == 150
-    assert unit_size(params, units) == 784 + 1 + 100 and group_threshold(0.1, 2.0, 4) == pytest.approx(0.4)
-    weight = params["fc1.weight"]
-    shrink_inputs_(weight, float("inf"))
-    assert not weight.any()
-    assert input_mask(weight, torch.arange(784) < 10).sum() == 10 * 300
+def test_input_mask_removes_whole_columns() -> None:
+    weight = LeNet300().fc1.weight
+    mask = input_mask(weight, torch.arange(784) < 10)
+    assert mask.sum() == 10 * 300 and mask[:, :10].all()
 
 
 def test_networks_whose_units_cannot_be_removed_are_refused() -> None:
@@ -142,7 +126,7 @@ def test_resume_mid_removal_equals_an_uninterrupted_run(tmp_path: Path, idx_dir:
     ({}, "name what to remove"),
     ({"units": {"fc1": 0.0}}, r"fc1: the fraction kept must be in \(0, 1\]"),
     ({"inputs": 1.5}, r"inputs: the fraction kept must be in \(0, 1\]"),
-    ({"units": {"fc1": 0.5}, "group_lasso": -1}, "group_lasso"),
+    ({"units": {"fc1": 0.5}, "group_lasso": 0.01}, "group_lasso: this option was removed"),
     ({"units": {"fc3": 0.5}}, "last layer"),
     ({"units": {"conv9": 0.5}}, "not a prunable layer"),
     ({"units": {"fc1": 0.5}, "end_epoch": 5}, "outside the run's epochs"),
@@ -153,6 +137,12 @@ def test_impossible_settings_fail_before_training(tmp_path: Path, idx_dir: Path,
         cfg = parse_config(json.loads(path.read_text()))
         import builders
         builders.build_config_callbacks(cfg, builders.build_model(cfg))
+
+
+def test_a_config_with_group_lasso_off_still_loads(tmp_path: Path, idx_dir: Path) -> None:
+    path = write_config(tmp_path, idx_dir, "old", {"StructuredPruning": {"units": {"fc1": 0.5}, "group_lasso": 0.0}},
+                        max_epochs=2)
+    assert parse_config(json.loads(path.read_text())).trainer.callbacks.StructuredPruning.units == {"fc1": 0.5}
 
 
 def test_quantization_must_follow_the_last_removal(tmp_path: Path, idx_dir: Path) -> None:

@@ -4,9 +4,7 @@ Beyond Deep Compression, which prunes single weights: the groups of ``compressio
 bias and the next layer's inputs reading it; a first-layer input's column) are ranked by their norm and the
 weakest removed on a schedule (``one_shot``, ``every`` or Zhu & Gupta's ``gradual``) until ``units`` (the fraction
 of each named layer's outputs kept) and ``inputs`` (the fraction of the first layer's input features kept) are
-reached. ``group_lasso`` > 0 adds the group-lasso penalty from ``start_epoch`` to the last removal, as its
-proximal step after every optimizer update, so that the groups the network can do without reach zero before
-they are removed. The removals are masks (``LitClassifier.set_masks``): exact zeros from then on, saved in every
+reached. The removals are masks (``LitClassifier.set_masks``): exact zeros from then on, saved in every
 checkpoint, so ``train.py -r`` resumes exactly; the file stores the smaller shape (``compression.model_codec``).
 Magnitude pruning (``IterativePruning``) may follow in the same fit, among the units that remain.
 """
@@ -24,8 +22,7 @@ from typing_extensions import Self, override
 
 from compression.layers import per_layer, prunable_layers
 from compression.pruning import keep_ratio_at, schedule_epochs
-from compression.structured import (group_threshold, input_mask, input_norms, shrink_inputs_, shrink_units_,
-                                    top_groups, unit_chain, unit_masks, unit_norms, unit_size)
+from compression.structured import input_mask, input_norms, top_groups, unit_chain, unit_masks, unit_norms
 from logger import get_logger
 from strict_args import StrictArgs, validated
 from trainer.callbacks.best import reset_best
@@ -41,9 +38,8 @@ class StructuredArgs(StrictArgs):
 
     units: dict[str, float] | None = None  # {hidden layer: fraction of its output units kept at the end}
     inputs: float | None = None  # fraction of the first layer's input features (a conv: input channels) kept
-    group_lasso: float = Field(0.0, ge=0)  # lambda of the group-lasso proximal step (0: rank by norm only)
     schedule: Literal["one_shot", "every", "gradual"] = "gradual"  # one_shot, every, gradual (Zhu & Gupta's cubic)
-    start_epoch: int = Field(0, ge=0)  # first removal (and first epoch of the penalty)
+    start_epoch: int = Field(0, ge=0)  # first removal
     end_epoch: int | None = None  # last removal of "every" / "gradual" (default: the run's last epoch)
     prune_every: int = Field(1, ge=1)  # epochs between removals
 
@@ -96,20 +92,6 @@ class StructuredPruning(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: LitClassifier) -> None:
         if trainer.current_epoch in self.steps:
             self.remove(trainer, pl_module, self.steps.index(trainer.current_epoch))
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: LitClassifier, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        a = self.args
-        if not a.group_lasso or not a.start_epoch <= trainer.current_epoch <= self.steps[-1]:
-            return
-        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        params = dict(pl_module.model.named_parameters())
-        for units in self.chain.values():
-            shrink_units_(params, units, group_threshold(lr, a.group_lasso, unit_size(params, units)))
-        if self.first is not None:
-            weight = params[self.first]
-            shrink_inputs_(weight, group_threshold(lr, a.group_lasso, weight.shape[0] * weight[0, 0].numel()))
 
     def remove(self, trainer: pl.Trainer, pl_module: LitClassifier, step: int) -> None:
         """Removal step ``step`` (0-based): masks for the weakest groups, merged with the installed ones."""
